@@ -1,0 +1,163 @@
+"""torch.nn.Module: the generic integration every flow goes through.
+
+* ``Module.to_empty``: materialisation; buffers are planned before, restored after.
+* ``Module.to``: a move to meta snapshots real non-persistent buffers first.
+* ``Module.__new__``: while meta is the default device, record each constructor call.
+* ``Module.__deepcopy__``: a deep copy keeps the recipes and snapshots of the original.
+* a global parameter-registration hook: during a replay, parameters go to meta.
+"""
+import copy
+import logging
+import threading
+
+import torch
+import wrapt
+from torch import nn
+
+from .. import errors
+from ..mechanism import recipes, snapshots
+from ..mechanism.materialise import Materialisation
+
+logger = logging.getLogger("bufferfix")
+
+_local = threading.local()
+_wrappers = {}  # attribute name -> wrapt handle
+_registration_hooks = []
+_active = False
+
+
+def _contained(action, what):
+    """Run bufferfix's own bookkeeping; an internal failure must never break the user's call."""
+    try:
+        return action()
+    except errors.UnrecoverableBufferError:
+        raise
+    except Exception:  # noqa: BLE001
+        logger.exception("bufferfix: internal error while %s", what)
+        errors.warn("bufferfix failed internally while %s; non-persistent buffers may hold "
+                    "uninitialised memory (details in the 'bufferfix' log)" % what)
+        return None
+
+
+def _device_of(device):
+    return None if device is None else torch.device(device)
+
+
+def _to_empty(wrapped, instance, args, kwargs):
+    if getattr(_local, "busy", False):
+        return wrapped(*args, **kwargs)  # an override calling super().to_empty: the outer call handles it
+    device = _device_of(kwargs.get("device"))
+    recurse = kwargs.get("recurse", True)
+    _local.busy = True
+    try:
+        if device is not None and device.type == "meta":
+            return _moving_to_meta(wrapped, instance, args, kwargs, recurse)
+        plan = _contained(lambda: Materialisation(instance, recurse), "planning buffer restoration")
+        result = wrapped(*args, **kwargs)
+        if plan is not None:
+            _contained(lambda: plan.restore(device), "restoring non-persistent buffers")
+        return result
+    finally:
+        _local.busy = False
+
+
+def _to(wrapped, instance, args, kwargs):
+    try:
+        device = torch._C._nn._parse_to(*args, **kwargs)[0]
+    except Exception:  # noqa: BLE001 - let the real call report bad arguments
+        device = None
+    if device is None or device.type != "meta":
+        return wrapped(*args, **kwargs)
+    return _moving_to_meta(wrapped, instance, args, kwargs)
+
+
+def _moving_to_meta(wrapped, instance, args, kwargs, recurse=True):
+    move = _contained(lambda: snapshots.MoveToMeta(instance, recurse), "snapshotting buffers")
+    result = wrapped(*args, **kwargs)
+    if move is not None:
+        _contained(move.after, "snapshotting buffers")
+    return result
+
+
+def _recording_new(cls, *args, **kwargs):
+    module = object.__new__(cls)
+    if _active and not recipes.replaying():
+        try:
+            if recipes.meta_is_default_device():
+                recipes.record_construction(module, cls, args, kwargs)
+        except Exception:  # noqa: BLE001 - never break construction
+            logger.exception("bufferfix: could not record the construction of %s", cls.__qualname__)
+    return module
+
+
+def _record_parent(parent, name, child):
+    """Global module-registration hook: remember where meta-built modules were assigned."""
+    if child is not None and not recipes.replaying():
+        try:
+            if recipes.meta_is_default_device():
+                recipes.record_child(parent, name, child)
+        except Exception:  # noqa: BLE001 - never break model construction
+            logger.exception("bufferfix: could not record %s.%s", type(parent).__qualname__, name)
+
+
+def _deepcopy(self, memo):
+    """``copy.deepcopy`` exactly as without this hook, then carry recipes/snapshots over."""
+    reduced = self.__reduce_ex__(4)
+    if isinstance(reduced, str):
+        return self
+    depth = getattr(_local, "deepcopy_depth", 0)
+    _local.deepcopy_depth = depth + 1
+    try:
+        duplicate = copy._reconstruct(self, memo, *reduced)
+    finally:
+        _local.deepcopy_depth = depth
+    if depth == 0 and (recipes.has_any() or snapshots.has_any()):
+        _contained(lambda: _carry_over(self, memo), "following a deepcopy")
+    return duplicate
+
+
+def _carry_over(original, memo):
+    for module in original.modules():
+        duplicate = memo.get(id(module))
+        if duplicate is None:
+            continue
+        recipes.follow_copy(module, duplicate)
+        for name, tensor in module._buffers.items():
+            copied = memo.get(id(tensor))
+            if tensor is not None and copied is not None:
+                snapshots.follow_copy(tensor, copied)
+
+
+def instrument():
+    global _active
+    if _active:
+        return
+    _wrappers["to_empty"] = wrapt.wrap_function_wrapper(nn.Module, "to_empty", _to_empty)
+    _wrappers["to"] = wrapt.wrap_function_wrapper(nn.Module, "to", _to)
+    if nn.Module.__dict__.get("__new__") is None:
+        # CPython cannot take a __new__ back off a class once set (object.__new__ then rejects
+        # constructor arguments), so this pass-through stays for the life of the process and
+        # does nothing while bufferfix is disabled.
+        nn.Module.__new__ = staticmethod(_recording_new)
+    if "__deepcopy__" not in nn.Module.__dict__:
+        nn.Module.__deepcopy__ = _deepcopy
+    module_hooks = nn.modules.module
+    _registration_hooks.append(module_hooks.register_module_parameter_registration_hook(recipes.parameters_to_meta))
+    _registration_hooks.append(module_hooks.register_module_module_registration_hook(_record_parent))
+    _active = True
+    logger.debug("bufferfix: torch.nn.Module instrumented")
+
+
+def uninstrument():
+    global _active
+    if not _active:
+        return
+    for name, handle in list(_wrappers.items()):
+        wrapt.unwrap_object(nn.Module, name, handle, missing_ok=True)
+        del _wrappers[name]
+    if nn.Module.__dict__.get("__deepcopy__") is _deepcopy:
+        del nn.Module.__deepcopy__
+    while _registration_hooks:
+        _registration_hooks.pop().remove()
+    _active = False
+    logger.debug("bufferfix: torch.nn.Module uninstrumented")

@@ -1,0 +1,221 @@
+"""Restore: put the right values into non-persistent buffers around a materialisation.
+
+A :class:`Materialisation` is built *before* tensors are swapped for empty memory
+(``to_empty``, or a library's own equivalent) and :meth:`Materialisation.restore`
+runs *after*.  Before, it notes every non-persistent buffer, every plain tensor
+attribute that aliases a buffer (4.x rotary ``original_inv_freq``) or sits on
+meta, and which slots share one tensor.  After, it
+
+* re-shares tensors that were shared (``empty_like`` gave each slot its own),
+* fills each non-persistent buffer from, in order: its old real value
+  (``init_empty_weights()`` keeps buffers real), a snapshot taken when the model
+  went to meta, a registered recompute function, a replay of the constructor of
+  the module or of its nearest ancestor that reproduces it,
+* reports whatever it could not recover.
+
+Values are copied into the materialised tensor, so it keeps the dtype and device
+the materialisation gave it (exactly what ``.to()`` would do to a normal build).
+"""
+import logging
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+from .. import errors
+from . import recipes, snapshots
+
+logger = logging.getLogger("bufferfix")
+
+# A tensor shared by several modules that are materialised one call at a time (FSDP1's
+# param_init_fn calls to_empty(recurse=False) per module) must end up shared again: the
+# first call's result is remembered, keyed weakly by the tensor it replaced.
+_materialised = WeakIdKeyDictionary()
+
+
+class _Group:
+    """One tensor and every slot (buffer or attribute) that held it before materialisation."""
+
+    __slots__ = ("tensor", "buffers", "attributes", "needs_value")
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+        self.buffers = []  # (module, path, name)
+        self.attributes = []  # (module, path, name)
+        self.needs_value = False
+
+
+def _qualified(path, name):
+    return "%s.%s" % (path, name) if path else name
+
+
+class Materialisation:
+    def __init__(self, root, recurse=True, root_path=""):
+        self.root = root
+        if recurse:
+            self.modules = [(_qualified(root_path, path) if path else root_path, module)
+                            for path, module in root.named_modules()]
+        else:
+            self.modules = [(root_path, root)]
+        self.groups = {}
+        for path, module in self.modules:
+            for name, tensor in module._buffers.items():
+                if tensor is not None:
+                    group = self._group(tensor)
+                    group.buffers.append((module, path, name))
+                    if name in module._non_persistent_buffers_set:
+                        group.needs_value = True
+        for path, module in self.modules:
+            for name, value in vars(module).items():
+                if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
+                    group = self.groups.get(id(value))
+                    if group is None and value.is_meta:  # a plain attribute that never got a value
+                        group = self._group(value)
+                        group.needs_value = True
+                    if group is not None:
+                        group.attributes.append((module, path, name))
+        self.groups = {key: group for key, group in self.groups.items()
+                       if group.needs_value or group.attributes or len(group.buffers) > 1}
+
+    def _group(self, tensor):
+        group = self.groups.get(id(tensor))
+        if group is None:
+            group = self.groups[id(tensor)] = _Group(tensor)
+        return group
+
+    # ------------------------------------------------------------------ after
+    def restore(self, device=None):
+        failures = []
+        with torch.no_grad():
+            for group in self.groups.values():
+                target = self._reshare(group)
+                if not group.needs_value:
+                    continue
+                value, reason = self._value_for(group)
+                if value is None:
+                    failures.append((self._name(group), reason))
+                    continue
+                if target is None:  # a plain attribute only: it takes the recovered tensor itself
+                    moved = value.to(device if device is not None else value.device, copy=True)
+                    for module, _, name in group.attributes:
+                        module.__dict__[name] = moved
+                    continue
+                if tuple(value.shape) != tuple(target.shape):
+                    failures.append((self._name(group), "recovered value has shape %s but the materialised "
+                                     "buffer has shape %s" % (tuple(value.shape), tuple(target.shape))))
+                    continue
+                self._write(group, target, value)
+        for _, module in self.modules:
+            recipes.forget(module)
+        errors.report_unrecoverable(failures)
+
+    def _reshare(self, group):
+        """Make every slot of the group hold the same (materialised) tensor again."""
+        if not group.buffers:
+            return None
+        module, _, name = group.buffers[0]
+        target = module._buffers[name]
+        earlier = _materialised.get(group.tensor)
+        if earlier is not None and earlier.device == target.device and earlier.dtype == target.dtype:
+            target = module._buffers[name] = earlier
+            group.needs_value = False  # filled by the earlier call
+        elif not target.is_meta:
+            _materialised[group.tensor] = target
+        for other, _, other_name in group.buffers[1:]:
+            other._buffers[other_name] = target
+        for other, _, other_name in group.attributes:
+            other.__dict__[other_name] = target
+        return target
+
+    def _write(self, group, target, value):
+        if target.is_meta:
+            return  # still on meta (e.g. to_empty(device="meta")): nothing to fill
+        try:
+            target.copy_(value)
+        except RuntimeError:
+            # An expanded target (stride 0) cannot be written element-wise: swap the tensor.
+            replacement = value.to(device=target.device, dtype=target.dtype, copy=True)
+            for module, _, name in group.buffers:
+                module._buffers[name] = replacement
+            for module, _, name in group.attributes:
+                module.__dict__[name] = replacement
+
+    @staticmethod
+    def _name(group):
+        module, path, name = (group.buffers or group.attributes)[0]
+        return "%s (%s)" % (_qualified(path, name) or name, type(module).__qualname__)
+
+    # ------------------------------------------------------------------ sources
+    def _value_for(self, group):
+        """``(value, None)`` or ``(None, reason)``."""
+        old = group.tensor
+        if not old.is_meta:
+            return old, None  # it was real all along (init_empty_weights keeps buffers real)
+        snapshot = snapshots.recall(old)
+        if snapshot is not None:
+            return snapshot, None
+        reasons = []
+        for module, path, name in group.buffers + group.attributes:
+            value = self._recompute(module, path, name, old, reasons)
+            if value is not None:
+                return value, None
+        return None, "; ".join(dict.fromkeys(reasons)) or "no way to recompute it was found"
+
+    def _recompute(self, module, path, name, live, reasons):
+        for owner, relative in recipes.owners(module, name):
+            function = recipes.registered_recompute(type(owner))
+            if function is not None:
+                try:
+                    computed = function(owner)
+                except Exception as error:  # noqa: BLE001 - user code; report it
+                    reasons.append("recompute function for %s raised %s: %s"
+                                   % (type(owner).__qualname__, type(error).__name__, error))
+                    continue
+                value = computed.get(relative) if computed is not None else None
+                if isinstance(value, torch.Tensor) and not value.is_meta:
+                    return value
+                reasons.append("recompute function for %s gave no value for %r" % (type(owner).__qualname__, relative))
+                continue
+            recipe = recipes.recipe_of(owner)
+            if recipe is None:
+                continue
+            try:
+                replayed, randomised = recipes.replay(recipe)
+            except recipes.ReplayError as error:
+                reasons.append("%s: %s" % (recipe.describe(), error))
+                continue
+            value = _lookup(replayed, relative)
+            sub_path, _, leaf = relative.rpartition(".")
+            if value is None:
+                reasons.append("re-running %s did not create %r" % (recipe.describe(), relative))
+            elif value.is_meta:
+                reasons.append("re-running %s puts it on meta explicitly" % recipe.describe())
+            elif (sub_path, leaf) in randomised:
+                reasons.append("re-running %s draws it from the random number generator, so the "
+                               "normal build's values are unknowable" % recipe.describe())
+            elif _version(live) > _version(value):
+                # The live tensor saw in-place writes after this constructor returned.
+                reasons.append("it was modified in place after %s returned" % recipe.describe())
+            else:
+                logger.debug("recomputed %s by replaying %s", _qualified(path, name), recipe.describe())
+                return value
+        if not reasons:
+            reasons.append("it was born on meta and no constructor was recorded for it or its parents "
+                           "(was the model built while bufferfix was active?)")
+        return None
+
+
+def _lookup(module, relative):
+    sub_path, _, name = relative.rpartition(".")
+    try:
+        owner = module.get_submodule(sub_path) if sub_path else module
+    except AttributeError:
+        return None
+    value = owner._buffers.get(name) if name in owner._buffers else vars(owner).get(name)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _version(tensor):
+    try:
+        return tensor._version
+    except RuntimeError:  # inference tensors have no version counter
+        return 0

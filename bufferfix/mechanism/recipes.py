@@ -1,0 +1,273 @@
+"""Recompute: remember how meta-built modules were constructed, and re-run that on CPU.
+
+A buffer created while ``meta`` is the default device never held a value, so
+there is nothing to snapshot.  What we can keep is the constructor call that
+produced it: the class, the arguments, and the default dtype at the time.  At
+materialisation the constructor is re-run ("replayed") on CPU with its
+parameters sent straight to meta (so no weight memory is touched), and the
+non-persistent buffers are taken from the replayed module.
+
+Recipes live in a side table keyed weakly by module, never on the module, so
+pickling / ``torch.save`` / ``state_dict`` see nothing.  Identical recipes are
+interned (80 identical decoder layers share one recipe) and the replay result is
+cached on the recipe, so it is computed once and freed together with the recipe
+once every module that used it has been materialised.
+"""
+import contextlib
+import random
+import sys
+import threading
+import weakref
+
+import torch
+from torch import nn
+from torch.overrides import _get_current_function_mode_stack
+from torch.utils._device import DeviceContext
+from torch.utils.weak import WeakIdKeyDictionary
+
+_local = threading.local()
+# Keyed by identity: a module class may define __eq__/__hash__.
+_recipes = WeakIdKeyDictionary()  # module -> Recipe
+_parents = WeakIdKeyDictionary()  # module -> (weakref to the module it was assigned to, attribute name)
+_interned = weakref.WeakValueDictionary()  # recipe key -> Recipe
+_recompute_functions = {}  # class -> fn(module) -> {name: tensor}
+_never_replay = set()  # classes whose constructors must not be re-run
+
+
+class ReplayError(Exception):
+    """The recipe cannot produce the value a normal build would have; the message says why."""
+
+
+class Recipe:
+    __slots__ = ("cls", "args", "kwargs", "default_dtype", "refusal", "_replayed", "__weakref__")
+
+    def __init__(self, cls, args, kwargs, default_dtype, refusal=None):
+        self.cls = cls
+        self.args = args
+        self.kwargs = kwargs
+        self.default_dtype = default_dtype
+        self.refusal = refusal  # why this constructor must not be re-run, or None
+        self._replayed = None  # (module, randomised buffer names) or ReplayError
+
+    def describe(self):
+        return "%s.%s(...)" % (self.cls.__module__, self.cls.__qualname__)
+
+
+# --------------------------------------------------------------------------- recording
+
+def replaying():
+    return getattr(_local, "replaying", False)
+
+
+def meta_is_default_device():
+    """Is ``meta`` the default device (``with torch.device("meta")``, set_default_device)?"""
+    if torch._C._len_torch_function_stack():
+        for mode in reversed(_get_current_function_mode_stack()):
+            if isinstance(mode, DeviceContext):
+                return mode.device.type == "meta"
+    context = getattr(torch._GLOBAL_DEVICE_CONTEXT, "device_context", None)
+    return context is not None and torch.device(context.device).type == "meta"
+
+
+_VALUE_TYPES = (int, float, complex, str, bytes, bool, type(None), torch.dtype, torch.device, type)
+
+
+def _recipe_key_part(value):
+    """A hashable stand-in: plain values by value, anything else by identity.
+
+    Identity is safe because an interned recipe holds its arguments alive.
+    """
+    if isinstance(value, _VALUE_TYPES):
+        return (type(value), value)
+    if isinstance(value, (tuple, list)):
+        return (type(value), tuple(_recipe_key_part(item) for item in value))
+    if isinstance(value, dict):
+        return (dict, tuple((key, _recipe_key_part(item)) for key, item in value.items()))
+    return ("id", id(value))
+
+
+def _refusal(args, kwargs):
+    """Why replaying a constructor called with these arguments would be unsafe or wrong."""
+    for value in (*args, *kwargs.values()):
+        items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else (value,)
+        for item in items:
+            if isinstance(item, nn.Module):
+                # Re-running e.g. Wrapper(inner) would hand back (or mutate) the live, empty module.
+                return "its constructor takes a module argument (%s), so re-running it cannot give fresh values" % type(item).__name__
+            if isinstance(item, torch.Tensor) and item.is_meta:
+                return "its constructor takes a meta tensor argument, whose values never existed"
+    return None
+
+
+def record_construction(module, cls, args, kwargs):
+    """Called from ``nn.Module.__new__`` while meta is the default device."""
+    default_dtype = torch.get_default_dtype()
+    refusal = _refusal(args, kwargs)
+    if refusal is not None:
+        # Keep no arguments: they may hold the model itself alive.
+        _recipes[module] = Recipe(cls, (), {}, default_dtype, refusal)
+        return
+    key = (cls, default_dtype, _recipe_key_part(args), _recipe_key_part(kwargs))
+    recipe = _interned.get(key)
+    if recipe is None:
+        recipe = _interned[key] = Recipe(cls, args, kwargs, default_dtype)
+    _recipes[module] = recipe
+
+
+def record_child(parent, name, child):
+    """Called when a module built on meta is assigned to another: replaying the parent can then
+    recompute buffers the parent's constructor put on the child."""
+    _parents[child] = (weakref.ref(parent), name)
+
+
+def owners(module, name):
+    """``(module, name)``, then each recorded ancestor with the name relative to it."""
+    yield module, name
+    seen = {id(module)}
+    while module in _parents:
+        parent_ref, attribute = _parents[module]
+        module, name = parent_ref(), attribute + "." + name
+        if module is None or id(module) in seen:
+            return
+        seen.add(id(module))
+        yield module, name
+
+
+def recipe_of(module):
+    return _recipes.get(module)
+
+
+def forget(module):
+    """A materialised module no longer needs its recipe (lets the replay cache go)."""
+    _recipes.pop(module, None)
+    _parents.pop(module, None)
+
+
+def follow_copy(original, copy):
+    """``copy.deepcopy`` of a meta-built module keeps its recipe (not its parent: a copy is
+    assigned somewhere new, which records that)."""
+    recipe = _recipes.get(original)
+    if recipe is not None:
+        _recipes[copy] = recipe
+
+
+def has_any():
+    return len(_recipes) > 0
+
+
+# --------------------------------------------------------------------------- user recipes
+
+def register_recompute(cls, fn=None):
+    """Register ``fn(module) -> {buffer name: tensor}`` computing ``cls``'s non-persistent buffers.
+
+    ``fn`` receives the materialised module and may return values on any device
+    and dtype; bufferfix moves and casts them to the materialised buffer.  It
+    wins over constructor replay, for ``cls`` and its subclasses.  Usable as a
+    decorator: ``@bufferfix.register_recompute(MyRotary)``.
+    """
+    if fn is None:
+        return lambda function: register_recompute(cls, function)
+    _recompute_functions[cls] = fn
+    return fn
+
+
+def never_replay(cls):
+    """Never re-run ``cls``'s constructor (e.g. it has side effects); its buffers are then reported
+    as unrecoverable unless a recompute function is registered."""
+    _never_replay.add(cls)
+    return cls
+
+
+def registered_recompute(cls):
+    for klass in cls.__mro__:
+        fn = _recompute_functions.get(klass)
+        if fn is not None:
+            return fn
+    return None
+
+
+# --------------------------------------------------------------------------- replay
+
+def parameters_to_meta(module, name, param):
+    """Global parameter-registration hook: during a replay, parameters go straight to meta."""
+    if param is None or not replaying() or param.is_meta:
+        return None
+    if type(param) is nn.Parameter:
+        return nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+    try:  # Parameter subclasses keep their extra state, as accelerate's init_on_device does
+        state = dict(param.__dict__, requires_grad=param.requires_grad)
+        return type(param)(param.detach().to("meta"), **state)
+    except Exception:
+        return None
+
+
+@contextlib.contextmanager
+def _isolated(default_dtype):
+    """Run a constructor on CPU under ``default_dtype`` and leave no trace on global state."""
+    previous = replaying()
+    previous_dtype = torch.get_default_dtype()
+    python_rng = random.getstate()
+    numpy = sys.modules.get("numpy")
+    numpy_rng = numpy.random.get_state() if numpy is not None else None
+    _local.replaying = True
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("cpu"):
+            torch.set_default_dtype(default_dtype)
+            yield
+    finally:
+        torch.set_default_dtype(previous_dtype)
+        random.setstate(python_rng)
+        if numpy_rng is not None:
+            numpy.random.set_state(numpy_rng)
+        _local.replaying = previous
+
+
+def _construct(recipe, seed):
+    with _isolated(recipe.default_dtype):
+        torch.manual_seed(seed)
+        before = torch.get_rng_state()
+        module = recipe.cls(*recipe.args, **recipe.kwargs)
+        drew_random = not torch.equal(before, torch.get_rng_state())
+    return module, drew_random
+
+
+def _tensors_of(module):
+    return {
+        (path, name): tensor
+        for path, sub in module.named_modules(remove_duplicate=False)
+        for name, tensor in list(sub._buffers.items()) + list(vars(sub).items())
+        if isinstance(tensor, torch.Tensor)
+    }
+
+
+def replay(recipe):
+    """Return ``(module, randomised)``: a fresh CPU build, and the (path, name) of tensors that
+    came from the random number generator.  Raises :class:`ReplayError`."""
+    cached = recipe._replayed
+    if cached is None:
+        cached = recipe._replayed = _replay_uncached(recipe)
+    if isinstance(cached, ReplayError):
+        raise cached
+    return cached
+
+
+def _replay_uncached(recipe):
+    if recipe.refusal:
+        return ReplayError(recipe.refusal)
+    if recipe.cls in _never_replay:
+        return ReplayError("bufferfix.never_replay(%s) forbids re-running its constructor" % recipe.cls.__qualname__)
+    try:
+        module, drew_random = _construct(recipe, seed=0)
+        randomised = set()
+        if drew_random:
+            # The constructor used the RNG; find out which tensors depend on it by building
+            # again from another seed.  A normal build's random values are unknowable.
+            again, _ = _construct(recipe, seed=1)
+            first, second = _tensors_of(module), _tensors_of(again)
+            randomised = {
+                key for key, tensor in first.items()
+                if key in second and not tensor.is_meta and not torch.equal(tensor, second[key])
+            }
+    except Exception as error:  # noqa: BLE001 - any failure of user code is reported, not raised
+        return ReplayError("re-running %s raised %s: %s" % (recipe.describe(), type(error).__name__, error))
+    return module, randomised

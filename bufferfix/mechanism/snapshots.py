@@ -1,0 +1,70 @@
+"""Snapshots: real buffer values kept alive when a model is moved to the meta device.
+
+``model.to("meta")`` (or ``to_empty(device="meta")``) throws the values of
+non-persistent buffers away; no checkpoint has them.  Before that happens we keep
+a reference to the real tensor, keyed (weakly) by the meta tensor that replaces
+it.  The snapshot lives exactly as long as that meta tensor: it is freed when
+the model is materialised or garbage collected.  Nothing is stored on the
+module, so ``state_dict``, pickling and ``torch.save`` are unaffected.
+"""
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+_snapshots = WeakIdKeyDictionary()  # meta tensor -> the real tensor it replaced
+
+
+def non_persistent_buffers(module):
+    """Yield ``(name, tensor)`` for the module's own non-persistent buffers."""
+    buffers = module._buffers
+    for name in module._non_persistent_buffers_set:
+        tensor = buffers.get(name)
+        if tensor is not None:
+            yield name, tensor
+
+
+class MoveToMeta:
+    """Around a move to meta: snapshot real non-persistent buffers before, record them after.
+
+    ``Module._apply`` gives every buffer slot its own new tensor, so a buffer shared by two
+    modules, or aliased by a plain attribute (4.x rotary ``original_inv_freq``), would stop
+    being shared; the slots are pointed at one moved tensor again, as in the normal build.
+    """
+
+    def __init__(self, root, recurse=True):
+        modules = list(root.modules()) if recurse else [root]
+        self.groups = {}  # id(real tensor) -> (real tensor, [buffer slots], [attribute slots])
+        for module in modules:
+            for name, tensor in non_persistent_buffers(module):
+                if not tensor.is_meta:
+                    self.groups.setdefault(id(tensor), (tensor, [], []))[1].append((module, name))
+        for module in modules:
+            for attribute, value in vars(module).items():
+                if isinstance(value, torch.Tensor) and id(value) in self.groups:
+                    self.groups[id(value)][2].append((module, attribute))
+
+    def after(self):
+        for real, buffers, attributes in self.groups.values():
+            owner, name = buffers[0]
+            moved = owner._buffers.get(name)
+            if moved is None or not moved.is_meta:
+                continue
+            _snapshots[moved] = real
+            for module, other in buffers[1:]:
+                module._buffers[other] = moved
+            for module, attribute in attributes:
+                module.__dict__[attribute] = moved
+
+
+def recall(meta_tensor):
+    return _snapshots.get(meta_tensor)
+
+
+def follow_copy(original, copy):
+    """``copy.deepcopy`` of a meta tensor keeps its snapshot."""
+    snapshot = _snapshots.get(original)
+    if snapshot is not None:
+        _snapshots[copy] = snapshot
+
+
+def has_any():
+    return len(_snapshots) > 0
