@@ -56,7 +56,7 @@ _INTERNAL = (os.path.dirname(os.path.abspath(__file__)) + os.sep, os.sep + "wrap
 
 def warn(message, category=BufferFixWarning):
     """``warnings.warn`` attributed to the user's line, not to bufferfix or wrapt internals."""
-    level, frame = 1, sys._getframe(1)
+    level, frame = 2, sys._getframe(1)  # stacklevel 2 is our caller
     while frame is not None and any(part in frame.f_code.co_filename for part in _INTERNAL):
         level, frame = level + 1, frame.f_back
     warnings.warn(message, category, stacklevel=level)

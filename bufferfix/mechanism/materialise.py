@@ -163,18 +163,10 @@ class Materialisation:
     def _recompute(self, module, path, name, live, reasons):
         for owner, relative in recipes.owners(module, name):
             function = recipes.registered_recompute(type(owner))
-            if function is not None:
-                try:
-                    computed = function(owner)
-                except Exception as error:  # noqa: BLE001 - user code; report it
-                    reasons.append("recompute function for %s raised %s: %s"
-                                   % (type(owner).__qualname__, type(error).__name__, error))
-                    continue
-                value = computed.get(relative) if computed is not None else None
-                if isinstance(value, torch.Tensor) and not value.is_meta:
+            if function is not None:  # the author's own recompute function comes first
+                value = _call_recompute_function(function, owner, relative, reasons)
+                if value is not None:
                     return value
-                reasons.append("recompute function for %s gave no value for %r" % (type(owner).__qualname__, relative))
-                continue
             recipe = recipes.recipe_of(owner)
             if recipe is None:
                 continue
@@ -202,6 +194,19 @@ class Materialisation:
             reasons.append("it was born on meta and no constructor was recorded for it or its parents "
                            "(was the model built while bufferfix was active?)")
         return None
+
+
+def _call_recompute_function(function, owner, relative, reasons):
+    try:
+        computed = function(owner)
+    except Exception as error:  # noqa: BLE001 - user code; report it
+        reasons.append("recompute function for %s raised %s: %s"
+                       % (type(owner).__qualname__, type(error).__name__, error))
+        return None
+    value = computed.get(relative) if computed is not None else None
+    if isinstance(value, torch.Tensor) and not value.is_meta:
+        return value
+    return None  # not covered by the function: constructor replay may still recover it
 
 
 def _lookup(module, relative):
