@@ -4,6 +4,7 @@
 imported (now, if it already is), never imported by bufferfix itself.
 ``BUFFERFIX_DISABLE=1`` turns every form of activation off, this one included.
 """
+import importlib
 import logging
 import sys
 
@@ -24,35 +25,45 @@ __all__ = [
 
 logger = logging.getLogger("bufferfix")
 _enabled = False
-_hook_registered = False
+_hooks_registered = False
+
+# library module -> the bufferfix integration that patches it, once that module is imported
+_INTEGRATIONS = {
+    "torch": "torch_nn",
+    "transformers.modeling_utils": "transformers",
+}
 
 
-def _instrument_torch(_torch_module=None):
-    """Post-import hook for torch: must never make ``import torch`` fail."""
-    if not _enabled:
-        return
-    try:
-        from .integrations import torch_nn
+def _post_import_hook(integration):
+    def instrument(module):
+        """Runs inside the user's import: it must never make that import fail."""
+        if not _enabled:
+            return
+        try:
+            importlib.import_module("bufferfix.integrations." + integration).instrument(module)
+        except Exception:  # noqa: BLE001
+            logger.exception("bufferfix: could not instrument %s; its buffers will not be restored", module.__name__)
 
-        torch_nn.instrument()
-    except Exception:  # noqa: BLE001
-        logger.exception("bufferfix: could not instrument torch; buffers will not be restored")
+    return instrument
 
 
 def enable():
     """Patch torch now if it is imported, else as soon as it is.  Returns whether bufferfix is on."""
-    global _enabled, _hook_registered
+    global _enabled, _hooks_registered
     if _env.flag(_env.DISABLE):
         logger.info("bufferfix: %s is set; not patching anything", _env.DISABLE)
         return False
     _enabled = True
-    if "torch" in sys.modules:
-        _instrument_torch()
-    elif not _hook_registered:
+    if not _hooks_registered:
         import wrapt  # only now: it costs ~150 ms and a disabled bufferfix must not pay it
 
-        wrapt.register_post_import_hook(_instrument_torch, "torch")
-        _hook_registered = True
+        for module, integration in _INTEGRATIONS.items():  # runs at once for modules already imported
+            wrapt.register_post_import_hook(_post_import_hook(integration), module)
+        _hooks_registered = True
+    else:
+        for module, integration in _INTEGRATIONS.items():
+            if module in sys.modules:
+                _post_import_hook(integration)(sys.modules[module])
     return True
 
 
@@ -60,9 +71,10 @@ def disable():
     """Remove every patch bufferfix installed (recorded state is kept but unused)."""
     global _enabled
     _enabled = False
-    integrations = sys.modules.get("bufferfix.integrations.torch_nn")
-    if integrations is not None:
-        integrations.uninstrument()
+    for integration in reversed(list(_INTEGRATIONS.values())):
+        patched = sys.modules.get("bufferfix.integrations." + integration)
+        if patched is not None:
+            patched.uninstrument()
 
 
 def is_enabled():

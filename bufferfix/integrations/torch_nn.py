@@ -14,9 +14,8 @@ import torch
 import wrapt
 from torch import nn
 
-from .. import errors
 from ..mechanism import recipes, snapshots
-from ..mechanism.materialise import Materialisation
+from ._patching import contained, materialising
 
 logger = logging.getLogger("bufferfix")
 
@@ -24,19 +23,6 @@ _local = threading.local()
 _wrappers = {}  # attribute name -> wrapt handle
 _registration_hooks = []
 _active = False
-
-
-def _contained(action, what):
-    """Run bufferfix's own bookkeeping; an internal failure must never break the user's call."""
-    try:
-        return action()
-    except errors.UnrecoverableBufferError:
-        raise
-    except Exception:  # noqa: BLE001
-        logger.exception("bufferfix: internal error while %s", what)
-        errors.warn("bufferfix failed internally while %s; non-persistent buffers may hold "
-                    "uninitialised memory (details in the 'bufferfix' log)" % what)
-        return None
 
 
 def _device_of(device):
@@ -52,11 +38,7 @@ def _to_empty(wrapped, instance, args, kwargs):
     try:
         if device is not None and device.type == "meta":
             return _moving_to_meta(wrapped, instance, args, kwargs, recurse)
-        plan = _contained(lambda: Materialisation(instance, recurse), "planning buffer restoration")
-        result = wrapped(*args, **kwargs)
-        if plan is not None:
-            _contained(lambda: plan.restore(device), "restoring non-persistent buffers")
-        return result
+        return materialising(lambda: wrapped(*args, **kwargs), instance, recurse, device)
     finally:
         _local.busy = False
 
@@ -72,10 +54,10 @@ def _to(wrapped, instance, args, kwargs):
 
 
 def _moving_to_meta(wrapped, instance, args, kwargs, recurse=True):
-    move = _contained(lambda: snapshots.MoveToMeta(instance, recurse), "snapshotting buffers")
+    move = contained(lambda: snapshots.MoveToMeta(instance, recurse), "snapshotting buffers")
     result = wrapped(*args, **kwargs)
     if move is not None:
-        _contained(move.after, "snapshotting buffers")
+        contained(move.after, "snapshotting buffers")
     return result
 
 
@@ -112,7 +94,7 @@ def _deepcopy(self, memo):
     finally:
         _local.deepcopy_depth = depth
     if depth == 0 and (recipes.has_any() or snapshots.has_any()):
-        _contained(lambda: _carry_over(self, memo), "following a deepcopy")
+        contained(lambda: _carry_over(self, memo), "following a deepcopy")
     return duplicate
 
 
@@ -128,7 +110,7 @@ def _carry_over(original, memo):
                 snapshots.follow_copy(tensor, copied)
 
 
-def instrument():
+def instrument(_torch=None):
     global _active
     if _active:
         return
