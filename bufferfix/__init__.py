@@ -31,6 +31,7 @@ _hooks_registered = False
 _INTEGRATIONS = {
     "torch": "torch_nn",
     "transformers.modeling_utils": "transformers",
+    "accelerate": "accelerate",
 }
 
 

@@ -196,6 +196,21 @@ class Materialisation:
         return None
 
 
+def materialise_meta_buffers(model, device="cpu"):
+    """Give every non-persistent buffer (and plain tensor attribute) still on meta its value on
+    ``device``, leaving everything else alone.  For libraries that load parameters themselves
+    and never materialise what is not in the checkpoint (accelerate's dispatch and loading)."""
+    plan = Materialisation(model)
+    plan.groups = {key: group for key, group in plan.groups.items() if group.needs_value and group.tensor.is_meta}
+    if not plan.groups:
+        return
+    for group in plan.groups.values():
+        if group.buffers:
+            module, _, name = group.buffers[0]
+            module._buffers[name] = torch.empty_like(group.tensor, device=device)
+    plan.restore(device)
+
+
 def _call_recompute_function(function, owner, relative, reasons):
     try:
         computed = function(owner)

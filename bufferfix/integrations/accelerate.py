@@ -1,0 +1,56 @@
+"""accelerate: loading and dispatch of models built with ``init_empty_weights(include_buffers=True)``.
+
+``load_checkpoint_in_model`` only writes what is in the checkpoint and ``dispatch_model``
+only moves what exists, so non-persistent buffers born on meta stay on meta and the
+model fails later ("Cannot copy out of meta tensor", "... is on the meta device, we need
+a value").  Before either runs, bufferfix gives those buffers their values on CPU;
+accelerate then moves them like any other buffer.
+
+``from accelerate import dispatch_model`` binds the function in several modules; each
+binding that still holds accelerate's original is wrapped, and only those are unwrapped.
+"""
+import logging
+import sys
+
+import wrapt
+
+from ._patching import contained
+from ..mechanism.materialise import materialise_meta_buffers
+
+logger = logging.getLogger("bufferfix")
+
+_FUNCTIONS = {  # function -> the modules that define or re-export it
+    "dispatch_model": ("accelerate.big_modeling", "accelerate"),
+    "load_checkpoint_in_model": ("accelerate.utils.modeling", "accelerate.utils", "accelerate.big_modeling",
+                                 "accelerate"),
+}
+_handles = []  # (module, name, wrapt handle)
+
+
+def _materialise_meta_buffers_first(wrapped, instance, args, kwargs):
+    model = args[0] if args else kwargs.get("model")
+    if model is not None:
+        contained(lambda: materialise_meta_buffers(model), "materialising meta buffers for accelerate")
+    return wrapped(*args, **kwargs)
+
+
+def instrument(_accelerate=None):
+    if _handles:
+        return
+    for name, module_names in _FUNCTIONS.items():
+        original = getattr(sys.modules.get(module_names[0]), name, None)
+        if original is None:
+            logger.info("bufferfix: accelerate has no %s.%s; not patched", module_names[0], name)
+            continue
+        for module_name in module_names:
+            module = sys.modules.get(module_name)
+            if module is not None and getattr(module, name, None) is original:
+                _handles.append((module, name, wrapt.wrap_function_wrapper(module, name,
+                                                                            _materialise_meta_buffers_first)))
+    logger.debug("bufferfix: accelerate instrumented (%d bindings)", len(_handles))
+
+
+def uninstrument():
+    while _handles:
+        module, name, handle = _handles.pop()
+        wrapt.unwrap_object(module, name, handle, missing_ok=True)
