@@ -90,10 +90,11 @@ class Materialisation:
                 target = self._reshare(group)
                 if not group.needs_value:
                     continue
-                value, reason = self._value_for(group)
+                value, how = self._value_for(group)
                 if value is None:
-                    failures.append((self._name(group), reason))
+                    failures.append((self._name(group), how))
                     continue
+                logger.debug("bufferfix: %s: %s", self._name(group), how)
                 if target is None:  # a plain attribute only: it takes the recovered tensor itself
                     moved = value.to(device if device is not None else value.device, copy=True)
                     for module, _, name in group.attributes:
@@ -146,27 +147,27 @@ class Materialisation:
 
     # ------------------------------------------------------------------ sources
     def _value_for(self, group):
-        """``(value, None)`` or ``(None, reason)``."""
+        """``(value, how)`` or ``(None, why not)``."""
         old = group.tensor
         if not old.is_meta:
-            return old, None  # it was real all along (init_empty_weights keeps buffers real)
+            return old, "real value kept"  # real all along (init_empty_weights keeps buffers real)
         snapshot = snapshots.recall(old)
         if snapshot is not None:
-            return snapshot, None
+            return snapshot, "snapshot taken before the move to meta"
         reasons = []
         for module, path, name in group.buffers + group.attributes:
-            value = self._recompute(module, path, name, old, reasons)
+            value, how = self._recompute(module, name, old, reasons)
             if value is not None:
-                return value, None
+                return value, how
         return None, "; ".join(dict.fromkeys(reasons)) or "no way to recompute it was found"
 
-    def _recompute(self, module, path, name, live, reasons):
+    def _recompute(self, module, name, live, reasons):
         for owner, relative in recipes.owners(module, name):
             function = recipes.registered_recompute(type(owner))
             if function is not None:  # the author's own recompute function comes first
                 value = _call_recompute_function(function, owner, relative, reasons)
                 if value is not None:
-                    return value
+                    return value, "registered recompute function for %s" % type(owner).__qualname__
             recipe = recipes.recipe_of(owner)
             if recipe is None:
                 continue
@@ -188,12 +189,21 @@ class Materialisation:
                 # The live tensor saw in-place writes after this constructor returned.
                 reasons.append("it was modified in place after %s returned" % recipe.describe())
             else:
-                logger.debug("recomputed %s by replaying %s", _qualified(path, name), recipe.describe())
-                return value
+                return value, "replay of %s" % recipe.describe()
         if not reasons:
             reasons.append("it was born on meta and no constructor was recorded for it or its parents "
                            "(was the model built while bufferfix was active?)")
-        return None
+        return None, None
+
+    def explain(self):
+        """``[(qualified name, tensor, how it would be recovered or None, why not)]``; changes nothing."""
+        report = []
+        for group in self.groups.values():
+            if group.needs_value:
+                value, how = self._value_for(group)
+                report.append((self._name(group), group.tensor, how if value is not None else None,
+                               None if value is not None else how))
+        return report
 
 
 def materialise_meta_buffers(model, device="cpu"):
