@@ -30,7 +30,7 @@ def _device_of(device):
 
 
 def _to_empty(wrapped, instance, args, kwargs):
-    if getattr(_local, "busy", False):
+    if not _active or getattr(_local, "busy", False):
         return wrapped(*args, **kwargs)  # an override calling super().to_empty: the outer call handles it
     device = _device_of(kwargs.get("device"))
     recurse = kwargs.get("recurse", True)
@@ -48,7 +48,7 @@ def _to(wrapped, instance, args, kwargs):
         device = torch._C._nn._parse_to(*args, **kwargs)[0]
     except Exception:  # noqa: BLE001 - let the real call report bad arguments
         device = None
-    if device is None or device.type != "meta":
+    if not _active or device is None or device.type != "meta":
         return wrapped(*args, **kwargs)
     return _moving_to_meta(wrapped, instance, args, kwargs)
 
@@ -110,18 +110,28 @@ def _carry_over(original, memo):
                 snapshots.follow_copy(tensor, copied)
 
 
+def _is_ours(candidate, name):
+    """Is this one of our hooks, possibly from an earlier import of this module (importlib.reload)?"""
+    function = getattr(candidate, "__func__", candidate)
+    return getattr(function, "__name__", None) == name and getattr(function, "__module__", None) == __name__
+
+
 def instrument(_torch=None):
     global _active
     if _active:
         return
     _wrappers["to_empty"] = wrapt.wrap_function_wrapper(nn.Module, "to_empty", _to_empty)
     _wrappers["to"] = wrapt.wrap_function_wrapper(nn.Module, "to", _to)
-    if nn.Module.__dict__.get("__new__") is None:
+    current_new = nn.Module.__dict__.get("__new__")
+    if current_new is None or _is_ours(current_new, "_recording_new"):  # ours, maybe from before a reload
         # CPython cannot take a __new__ back off a class once set (object.__new__ then rejects
         # constructor arguments), so this pass-through stays for the life of the process and
         # does nothing while bufferfix is disabled.
         nn.Module.__new__ = staticmethod(_recording_new)
-    if "__deepcopy__" not in nn.Module.__dict__:
+    else:
+        logger.warning("bufferfix: nn.Module.__new__ is already %r; constructors built on meta will not be "
+                       "recorded, so their buffers cannot be recomputed", current_new)
+    if "__deepcopy__" not in nn.Module.__dict__ or _is_ours(nn.Module.__dict__["__deepcopy__"], "_deepcopy"):
         nn.Module.__deepcopy__ = _deepcopy
     module_hooks = nn.modules.module
     _registration_hooks.append(module_hooks.register_module_parameter_registration_hook(recipes.parameters_to_meta))
@@ -135,9 +145,13 @@ def uninstrument():
     if not _active:
         return
     for name, handle in list(_wrappers.items()):
-        wrapt.unwrap_object(nn.Module, name, handle, missing_ok=True)
+        try:
+            wrapt.unwrap_object(nn.Module, name, handle, missing_ok=True)
+        except Exception as error:  # noqa: BLE001 - e.g. a non-wrapt wrapper installed on top of ours
+            # Our wrapper stays in the chain but passes straight through while _active is False.
+            logger.warning("bufferfix: left an inert wrapper on nn.Module.%s (%s)", name, error)
         del _wrappers[name]
-    if nn.Module.__dict__.get("__deepcopy__") is _deepcopy:
+    if _is_ours(nn.Module.__dict__.get("__deepcopy__"), "_deepcopy"):
         del nn.Module.__deepcopy__
     while _registration_hooks:
         _registration_hooks.pop().remove()
