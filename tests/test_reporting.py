@@ -177,3 +177,23 @@ def test_parameters_and_persistent_buffers_are_left_to_load_state_dict():
     materialised = FLOWS["torch.device('meta')"](Zoo, reference.state_dict())
     assert [name for name, _ in materialised.named_parameters()] == [name for name, _ in reference.named_parameters()]
     assert_matches_reference(materialised, reference)
+
+
+class FromConfig(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.register_buffer("inv_freq", 1.0 / config.base ** (torch.arange(0, 8, 2).float() / 8), persistent=False)
+
+
+def test_config_changed_after_construction_replays_with_the_values_at_construction():
+    class Config:
+        base = 10000.0
+
+    config = Config()
+    reference = FromConfig(config)
+    model = meta_build(lambda: FromConfig(config))
+    config.base = 500.0  # e.g. a RoPE-scaling tweak applied after the model was built
+    model.to_empty(device="cpu")
+    assert identical(model.inv_freq, reference.inv_freq)
+    assert config.base == 500.0  # the user's object is left as they set it
+    assert identical(meta_build(lambda: FromConfig(config)).to_empty(device="cpu").inv_freq, FromConfig(config).inv_freq)

@@ -14,9 +14,12 @@ cached on the recipe, so it is computed once and freed together with the recipe
 once every module that used it has been materialised.
 """
 import contextlib
+import copy
+import functools
 import random
 import sys
 import threading
+import types
 import weakref
 
 import torch
@@ -39,18 +42,51 @@ class ReplayError(Exception):
 
 
 class Recipe:
-    __slots__ = ("cls", "args", "kwargs", "default_dtype", "refusal", "_replayed", "__weakref__")
+    __slots__ = ("cls", "args", "kwargs", "default_dtype", "argument_states", "refusal", "_replayed",
+                 "__weakref__")
 
     def __init__(self, cls, args, kwargs, default_dtype, refusal=None):
         self.cls = cls
         self.args = args
         self.kwargs = kwargs
         self.default_dtype = default_dtype
+        # Arguments are kept by reference, so a config object changed after construction
+        # would replay with its new values: keep each argument object's attributes as they
+        # were (a shallow copy of its __dict__; identity comparison, never ==).
+        self.argument_states = tuple((value, dict(vars(value))) for value in (*args, *kwargs.values())
+                                     if _has_state(value))
         self.refusal = refusal  # why this constructor must not be re-run, or None
         self._replayed = None  # (module, randomised buffer names) or ReplayError
 
     def describe(self):
         return "%s.%s(...)" % (self.cls.__module__, self.cls.__qualname__)
+
+    def arguments_unchanged(self):
+        return all(_same_attributes(vars(value), state) for value, state in self.argument_states)
+
+    def arguments_as_recorded(self):
+        """``(args, kwargs)`` with every argument object that changed since construction replaced
+        by a shallow copy holding its attributes as they were then."""
+        restored = {}
+        for value, state in self.argument_states:
+            if not _same_attributes(vars(value), state):
+                duplicate = copy.copy(value)
+                vars(duplicate).clear()
+                vars(duplicate).update(state)
+                restored[id(value)] = duplicate
+        args = tuple(restored.get(id(value), value) for value in self.args)
+        kwargs = {name: restored.get(id(value), value) for name, value in self.kwargs.items()}
+        return args, kwargs
+
+
+def _has_state(value):
+    return (hasattr(value, "__dict__") and not isinstance(value, (type, types.FunctionType, types.ModuleType,
+                                                                   types.MethodType, functools.partial)))
+
+
+def _same_attributes(current, recorded):
+    return len(current) == len(recorded) and all(current.get(name, _same_attributes) is value
+                                                 for name, value in recorded.items())
 
 
 # --------------------------------------------------------------------------- recording
@@ -109,7 +145,7 @@ def record_construction(module, cls, args, kwargs):
         return
     key = (cls, default_dtype, _recipe_key_part(args), _recipe_key_part(kwargs))
     recipe = _interned.get(key)
-    if recipe is None:
+    if recipe is None or not recipe.arguments_unchanged():  # a config changed in between: a new recipe
         recipe = _interned[key] = Recipe(cls, args, kwargs, default_dtype)
     _recipes[module] = recipe
 
@@ -226,7 +262,8 @@ def _construct(recipe, seed):
     with _isolated(recipe.default_dtype):
         torch.manual_seed(seed)
         before = torch.get_rng_state()
-        module = recipe.cls(*recipe.args, **recipe.kwargs)
+        args, kwargs = recipe.arguments_as_recorded()
+        module = recipe.cls(*args, **kwargs)
         drew_random = not torch.equal(before, torch.get_rng_state())
     return module, drew_random
 
