@@ -185,8 +185,7 @@ class Materialisation:
             elif (sub_path, leaf) in randomised:
                 reasons.append("re-running %s draws it from the random number generator, so the "
                                "normal build's values are unknowable" % recipe.describe())
-            elif _version(live) > _version(value):
-                # The live tensor saw in-place writes after this constructor returned.
+            elif _changed_after_construction(live, recipe, relative):
                 reasons.append("it was modified in place after %s returned" % recipe.describe())
             else:
                 return value, "replay of %s" % recipe.describe()
@@ -242,6 +241,15 @@ def _lookup(module, relative):
         return None
     value = owner._buffers.get(name) if name in owner._buffers else vars(owner).get(name)
     return value if isinstance(value, torch.Tensor) else None
+
+
+def _changed_after_construction(live, recipe, relative):
+    """Did the live meta tensor see in-place writes after its constructor returned?"""
+    version = _version(live)
+    if not version:
+        return False  # never written in place (cheap common case: no meta replay needed)
+    at_construction = recipes.version_at_construction(recipe, relative)
+    return at_construction is not None and version > at_construction
 
 
 def _version(tensor):

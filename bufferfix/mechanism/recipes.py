@@ -43,7 +43,7 @@ class ReplayError(Exception):
 
 class Recipe:
     __slots__ = ("cls", "args", "kwargs", "default_dtype", "argument_states", "refusal", "_replayed",
-                 "__weakref__")
+                 "_replayed_on_meta", "__weakref__")
 
     def __init__(self, cls, args, kwargs, default_dtype, refusal=None):
         self.cls = cls
@@ -57,6 +57,7 @@ class Recipe:
                                      if _has_state(value))
         self.refusal = refusal  # why this constructor must not be re-run, or None
         self._replayed = None  # (module, randomised buffer names) or ReplayError
+        self._replayed_on_meta = None  # a meta build, only to read version counters
 
     def describe(self):
         return "%s.%s(...)" % (self.cls.__module__, self.cls.__qualname__)
@@ -238,8 +239,8 @@ def parameters_to_meta(module, name, param):
 
 
 @contextlib.contextmanager
-def _isolated(default_dtype):
-    """Run a constructor on CPU under ``default_dtype`` and leave no trace on global state."""
+def _isolated(default_dtype, device="cpu"):
+    """Run a constructor on ``device`` under ``default_dtype`` and leave no trace on global state."""
     previous = replaying()
     previous_dtype = torch.get_default_dtype()
     python_rng = random.getstate()
@@ -247,7 +248,7 @@ def _isolated(default_dtype):
     numpy_rng = numpy.random.get_state() if numpy is not None else None
     _local.replaying = True
     try:
-        with torch.random.fork_rng(devices=[]), torch.device("cpu"):
+        with torch.random.fork_rng(devices=[]), torch.device(device):
             torch.set_default_dtype(default_dtype)
             yield
     finally:
@@ -266,6 +267,29 @@ def _construct(recipe, seed):
         module = recipe.cls(*args, **kwargs)
         drew_random = not torch.equal(before, torch.get_rng_state())
     return module, drew_random
+
+
+def version_at_construction(recipe, relative):
+    """The version counter a tensor built by ``recipe`` has when its constructor returns *on meta*.
+
+    A live meta tensor with a higher count was changed in place after construction, so no
+    replay can know its value.  The count is read from a meta build because some operations
+    bump it differently on CPU (``copy.deepcopy`` does on CPU, not on meta).
+    """
+    if recipe._replayed_on_meta is None:
+        try:
+            with _isolated(recipe.default_dtype, device="meta"):
+                args, kwargs = recipe.arguments_as_recorded()
+                recipe._replayed_on_meta = recipe.cls(*args, **kwargs)
+        except Exception:  # noqa: BLE001 - the CPU replay already worked; nothing more to learn
+            return None
+    sub_path, _, name = relative.rpartition(".")
+    try:
+        owner = recipe._replayed_on_meta.get_submodule(sub_path)
+    except AttributeError:
+        return None
+    tensor = owner._buffers.get(name) if name in owner._buffers else vars(owner).get(name)
+    return tensor._version if isinstance(tensor, torch.Tensor) else None
 
 
 def _tensors_of(module):

@@ -32,23 +32,28 @@ class MoveToMeta:
 
     def __init__(self, root, recurse=True):
         modules = list(root.modules()) if recurse else [root]
-        self.groups = {}  # id(real tensor) -> (real tensor, [buffer slots], [attribute slots])
+        self.groups = {}  # id(real tensor) -> [real tensor, [buffer slots], [attribute slots], non-persistent?]
         for module in modules:
-            for name, tensor in non_persistent_buffers(module):
-                if not tensor.is_meta:
-                    self.groups.setdefault(id(tensor), (tensor, [], []))[1].append((module, name))
+            for name, tensor in module._buffers.items():
+                if tensor is not None and not tensor.is_meta:
+                    group = self.groups.setdefault(id(tensor), [tensor, [], [], False])
+                    group[1].append((module, name))
+                    group[3] = group[3] or name in module._non_persistent_buffers_set
         for module in modules:
             for attribute, value in vars(module).items():
                 if isinstance(value, torch.Tensor) and id(value) in self.groups:
                     self.groups[id(value)][2].append((module, attribute))
+        self.groups = {key: group for key, group in self.groups.items()
+                       if group[3] or len(group[1]) > 1 or group[2]}
 
     def after(self):
-        for real, buffers, attributes in self.groups.values():
+        for real, buffers, attributes, non_persistent in self.groups.values():
             owner, name = buffers[0]
             moved = owner._buffers.get(name)
             if moved is None or not moved.is_meta:
                 continue
-            _snapshots[moved] = real
+            if non_persistent:  # persistent values come back from the checkpoint
+                _snapshots[moved] = real
             for module, other in buffers[1:]:
                 module._buffers[other] = moved
             for module, attribute in attributes:
