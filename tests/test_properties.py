@@ -1,6 +1,7 @@
 """Property-based: random module trees through every flow end bit-identical to a normal build."""
 import copy
 import math
+import os
 
 import pytest
 import torch
@@ -34,6 +35,8 @@ def node_specs(children=None):
 
 
 trees = st.recursive(node_specs(), node_specs, max_leaves=5)
+# CI keeps the example count small; BUFFERFIX_HYPOTHESIS_EXAMPLES=500 for a thorough run.
+EXAMPLES = int(os.environ.get("BUFFERFIX_HYPOTHESIS_EXAMPLES", "30"))
 
 
 def make_tensor(kind, shape, scale):
@@ -72,7 +75,7 @@ class Node(nn.Module):
             self.alias = self.b0
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(spec=trees, flow=st.sampled_from(sorted(FLOWS)))
 def test_random_trees_match_a_normal_build(spec, flow):
     reference = Node(spec)
@@ -80,7 +83,7 @@ def test_random_trees_match_a_normal_build(spec, flow):
     assert_matches_reference(materialised, reference)
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=max(EXAMPLES // 2, 1), deadline=None)
 @given(spec=trees)
 def test_changed_after_construction_on_meta_is_reported_not_guessed(spec):
     """An in-place change made after construction on meta is lost; it must be reported."""

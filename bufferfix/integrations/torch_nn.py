@@ -108,6 +108,7 @@ def _carry_over(original, memo):
             copied = memo.get(id(tensor))
             if tensor is not None and copied is not None:
                 snapshots.follow_copy(tensor, copied)
+                recipes.follow_tensor_copy(tensor, copied)
 
 
 def _is_ours(candidate, name):

@@ -245,15 +245,8 @@ def _lookup(module, relative):
 
 def _changed_after_construction(live, recipe, relative):
     """Did the live meta tensor see in-place writes after its constructor returned?"""
-    version = _version(live)
+    version = recipes.effective_version(live)
     if not version:
         return False  # never written in place (cheap common case: no meta replay needed)
     at_construction = recipes.version_at_construction(recipe, relative)
     return at_construction is not None and version > at_construction
-
-
-def _version(tensor):
-    try:
-        return tensor._version
-    except RuntimeError:  # inference tensors have no version counter
-        return 0

@@ -32,6 +32,7 @@ _local = threading.local()
 # Keyed by identity: a module class may define __eq__/__hash__.
 _recipes = WeakIdKeyDictionary()  # module -> Recipe
 _parents = WeakIdKeyDictionary()  # module -> (weakref to the module it was assigned to, attribute name)
+_version_offsets = WeakIdKeyDictionary()  # deep-copied meta tensor -> writes its original had seen
 _interned = weakref.WeakValueDictionary()  # recipe key -> Recipe
 _recompute_functions = {}  # class -> fn(module) -> {name: tensor}
 _never_replay = set()  # classes whose constructors must not be re-run
@@ -188,6 +189,25 @@ def follow_copy(original, copy):
         _recipes[copy] = recipe
 
 
+def follow_tensor_copy(original, copy):
+    """A deep copy starts with a fresh version counter; carry the writes the original had seen, so
+    that "written in place after construction" stays detectable (see version_at_construction)."""
+    offset = effective_version(original) - _raw_version(copy)
+    if offset:
+        _version_offsets[copy] = offset
+
+
+def effective_version(tensor):
+    return _raw_version(tensor) + _version_offsets.get(tensor, 0)
+
+
+def _raw_version(tensor):
+    try:
+        return tensor._version
+    except RuntimeError:  # inference tensors have no version counter
+        return 0
+
+
 def has_any():
     return len(_recipes) > 0
 
@@ -289,7 +309,7 @@ def version_at_construction(recipe, relative):
     except AttributeError:
         return None
     tensor = owner._buffers.get(name) if name in owner._buffers else vars(owner).get(name)
-    return tensor._version if isinstance(tensor, torch.Tensor) else None
+    return effective_version(tensor) if isinstance(tensor, torch.Tensor) else None
 
 
 def _tensors_of(module):
