@@ -51,3 +51,20 @@ def test_forward_matches_after_materialisation():
     materialised = FLOWS["torch.device('meta')"](lambda: Sinusoidal(12, 6), reference.state_dict())
     x = torch.randn(2, 12, 6)
     assert torch.equal(materialised(x), reference(x))
+
+
+def test_load_state_dict_with_assign_on_a_meta_model():
+    """What torch.distributed.checkpoint does with meta tensors: parameters assigned, no to_empty."""
+    reference = reference_of(Zoo)
+    with torch.device("meta"):
+        model = Zoo()
+    model.load_state_dict(reference.state_dict(), assign=True)
+    assert_matches_reference(model, reference)
+
+
+def test_load_state_dict_with_assign_is_broken_without_bufferfix(without_bufferfix):
+    reference = reference_of(Zoo)
+    with torch.device("meta"):
+        model = Zoo()
+    model.load_state_dict(reference.state_dict(), assign=True)
+    assert broken_buffers(model, reference) != []

@@ -2,6 +2,7 @@
 
 * ``Module.to_empty``: materialisation; buffers are planned before, restored after.
 * ``Module.to``: a move to meta snapshots real non-persistent buffers first.
+* ``Module.load_state_dict(assign=True)``: buffers a meta model still has on meta get values.
 * ``Module.__new__``: while meta is the default device, record each constructor call.
 * ``Module.__deepcopy__``: a deep copy keeps the recipes and snapshots of the original.
 * a global parameter-registration hook: during a replay, parameters go to meta.
@@ -15,6 +16,7 @@ import wrapt
 from torch import nn
 
 from ..mechanism import recipes, snapshots
+from ..mechanism.materialise import materialise_meta_buffers
 from ._patching import contained, materialising
 
 logger = logging.getLogger("bufferfix")
@@ -51,6 +53,23 @@ def _to(wrapped, instance, args, kwargs):
     if not _active or device is None or device.type != "meta":
         return wrapped(*args, **kwargs)
     return _moving_to_meta(wrapped, instance, args, kwargs)
+
+
+def _load_state_dict(wrapped, instance, args, kwargs):
+    """``load_state_dict(assign=True)`` on a meta model (what torch.distributed.checkpoint does when
+    it finds meta tensors) materialises parameters by assignment and never touches non-persistent
+    buffers: give those their values, on the device the loaded parameters landed on."""
+    result = wrapped(*args, **kwargs)
+    if _active and kwargs.get("assign", len(args) > 2 and args[2]) and not getattr(_local, "busy", False):
+        contained(lambda: _materialise_left_on_meta(instance), "materialising buffers after load_state_dict")
+    return result
+
+
+def _materialise_left_on_meta(model):
+    device = next((tensor.device for tensor in model.state_dict().values()
+                   if isinstance(tensor, torch.Tensor) and not tensor.is_meta), None)
+    if device is not None:
+        materialise_meta_buffers(model, device)
 
 
 def _moving_to_meta(wrapped, instance, args, kwargs, recurse=True):
@@ -123,6 +142,7 @@ def instrument(_torch=None):
         return
     _wrappers["to_empty"] = wrapt.wrap_function_wrapper(nn.Module, "to_empty", _to_empty)
     _wrappers["to"] = wrapt.wrap_function_wrapper(nn.Module, "to", _to)
+    _wrappers["load_state_dict"] = wrapt.wrap_function_wrapper(nn.Module, "load_state_dict", _load_state_dict)
     current_new = nn.Module.__dict__.get("__new__")
     if current_new is None or _is_ours(current_new, "_recording_new"):  # ours, maybe from before a reload
         # CPython cannot take a __new__ back off a class once set (object.__new__ then rejects
