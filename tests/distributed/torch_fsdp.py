@@ -45,6 +45,20 @@ def fsdp2():
     return h.compare(model, reference, reference_logits)
 
 
+def fsdp2_load_without_to_empty():
+    """fully_shard on meta, then straight to the DCP load: it finds meta tensors and loads with
+    assign=True, so parameters become real and nothing ever materialises the buffers."""
+    from torch.distributed.fsdp import fully_shard
+
+    reference, reference_logits = _reference()
+    model = _meta_llama()
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    _load_broadcast_from_rank0(model, reference)
+    return h.compare(model, reference, reference_logits)
+
+
 def _fsdp1(model, sync_module_states, param_init_fn):
     from torch.distributed.fsdp import FullyShardedDataParallel
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
@@ -116,6 +130,7 @@ def rank0_only_materialises():
 
 FLOWS = {
     "fsdp2": fsdp2,
+    "fsdp2_load_without_to_empty": fsdp2_load_without_to_empty,
     "fsdp1": fsdp1,
     "fsdp1_sync_module_states": fsdp1_sync_module_states,
     "fsdp1_sync_module_states_rank0_real": fsdp1_sync_module_states_rank0_real,
