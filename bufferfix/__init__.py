@@ -24,6 +24,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger("bufferfix")
+_env.configure_logging()  # BUFFERFIX_LOG_LEVEL
 _enabled = False
 _hooks_registered = False
 

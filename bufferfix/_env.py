@@ -2,21 +2,54 @@
 
 This module is imported on the interpreter start-up path (site hook), so it must
 stay cheap and must never raise: a bad value gives one warning on stderr and the
-safe default.
+safe default.  It has no relative imports: the start-up hook (``_startup.py``)
+loads it by file path, without importing the ``bufferfix`` package.
+
+=======================  =========================================================
+``BUFFERFIX_AUTO``       ``1``: activate at interpreter start-up in every Python
+                         process of the environment (through the installed
+                         ``bufferfix-startup.pth``), as soon as torch is imported
+``BUFFERFIX_DISABLE``    ``1``: never patch anything; beats everything else,
+                         ``import bufferfix`` and ``enable()`` included
+``BUFFERFIX_STRICT``     ``1``: an unrecoverable buffer raises instead of warning
+``BUFFERFIX_LOG_LEVEL``  ``debug``/``info``/``warning``/``error``/``critical`` (or
+                         a number): level of ``logging.getLogger("bufferfix")``
+=======================  =========================================================
+
+Booleans accept ``1/true/yes/on`` and ``0/false/no/off`` (any case, spaces
+ignored); empty means unset.
 """
 import os
 import sys
 
+AUTO = "BUFFERFIX_AUTO"  # "1": activate at start-up (site hook), patching torch when it is imported
 DISABLE = "BUFFERFIX_DISABLE"  # "1": never patch anything, even on `import bufferfix`
 STRICT = "BUFFERFIX_STRICT"  # "1": an unrecoverable buffer raises instead of warning
+LOG_LEVEL = "BUFFERFIX_LOG_LEVEL"  # "debug", "info", ...: level of the "bufferfix" logger
+
+VARIABLES = (AUTO, DISABLE, STRICT, LOG_LEVEL)
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
+_LEVELS = {"debug": 10, "info": 20, "warning": 30, "warn": 30, "error": 40, "critical": 50, "fatal": 50}
 _already_complained = set()
 
 
-def flag(name, default=False, environ=None):
-    """Read a boolean switch leniently; never raises."""
+def _complain(name, value, expected, default):
+    if name not in _already_complained:
+        _already_complained.add(name)
+        try:
+            sys.stderr.write("bufferfix: ignoring %s=%r (expected %s); using %s\n" % (name, value, expected, default))
+        except Exception:  # noqa: BLE001  (no stderr at all: stay silent rather than fail)
+            pass
+
+
+def flag(name, default=False, environ=None, warn=True):
+    """Read a boolean switch leniently; never raises.
+
+    An unrecognised value warns once per variable on stderr (unless ``warn`` is false) and
+    gives ``default``.
+    """
     value = (os.environ if environ is None else environ).get(name)
     if value is None:
         return default
@@ -25,10 +58,62 @@ def flag(name, default=False, environ=None):
         return True
     if normalised in _FALSE:
         return False
-    if name not in _already_complained:
-        _already_complained.add(name)
-        sys.stderr.write(
-            "bufferfix: ignoring %s=%r (expected 1/true/yes/on or 0/false/no/off); "
-            "using %s\n" % (name, value, "1" if default else "0")
-        )
+    if warn:
+        _complain(name, value, "1/true/yes/on or 0/false/no/off", "1" if default else "0")
     return default
+
+
+def log_level(environ=None):
+    """``BUFFERFIX_LOG_LEVEL`` as a ``logging`` level number, or None when unset, empty or invalid."""
+    value = (os.environ if environ is None else environ).get(LOG_LEVEL)
+    if value is None or not value.strip():
+        return None
+    normalised = value.strip().lower()
+    if normalised in _LEVELS:
+        return _LEVELS[normalised]
+    if normalised.isdigit():
+        return int(normalised)
+    _complain(LOG_LEVEL, value, "debug, info, warning, error, critical or a number", "the default level")
+    return None
+
+
+def configure_logging(environ=None):
+    """Apply ``BUFFERFIX_LOG_LEVEL`` to the ``bufferfix`` logger; returns the level or None.
+
+    Never raises; idempotent.  Besides setting the level it attaches one handler that
+    prints to stderr while the application has configured no logging of its own (no
+    handler on the root logger), because Python's last-resort handler drops everything
+    below WARNING.  Once the root logger has handlers, records reach them by propagation.
+    """
+    level = log_level(environ)
+    if level is None:
+        return None
+    try:
+        import logging
+
+        logger = logging.getLogger("bufferfix")
+        logger.setLevel(level)
+        if not any(getattr(handler, "_bufferfix_fallback", False) for handler in logger.handlers):
+            logger.addHandler(_fallback_handler(logging))
+    except Exception as error:  # noqa: BLE001
+        _complain(LOG_LEVEL, os.environ.get(LOG_LEVEL), "a level the logging module accepts (%s)" % error,
+                  "the default level")
+        return None
+    return level
+
+
+def _fallback_handler(logging):
+    class StderrWhileUnconfigured(logging.Handler):
+        _bufferfix_fallback = True
+
+        def emit(self, record):
+            if logging.getLogger().handlers:  # the application configured logging: it decides
+                return
+            try:
+                sys.stderr.write(self.format(record) + "\n")
+            except Exception:  # noqa: BLE001
+                self.handleError(record)
+
+    handler = StderrWhileUnconfigured()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))  # messages start with "bufferfix:"
+    return handler

@@ -1,0 +1,172 @@
+"""Start-up activation (``BUFFERFIX_AUTO=1``): patch torch as soon as a process imports it.
+
+Two things load this module at interpreter start-up:
+
+- ``bufferfix-startup.pth``, installed into site-packages with the distribution (see
+  setup.py), when ``BUFFERFIX_AUTO`` is set to something other than a false value;
+- ``bufferfix/_bootstrap/sitecustomize.py``, which ``bufferfix-run`` puts on PYTHONPATH.
+
+Both load it **by file path** under the name ``_bufferfix_startup``, without importing the
+``bufferfix`` package: ``import bufferfix`` enables it, which imports wrapt (~150 ms),
+and a process that never imports torch must not pay that.  So this module uses the
+standard library only, has no relative imports, and does nothing heavy: :func:`install`
+puts a tiny finder first on ``sys.meta_path`` that waits for ``import torch``; only then
+does it import bufferfix (whose import enables it, honouring ``BUFFERFIX_DISABLE``) and
+remove itself.  Torch is then patched when its module has finished executing, exactly as
+after ``import bufferfix; import torch``.
+
+Every failure is contained: it is reported once on stderr and the process goes on
+unpatched.  Installing twice (the .pth processed twice, .pth plus sitecustomize) is a no-op.
+"""
+import os
+import sys
+
+_TRIGGER = "torch"
+_reported = set()
+
+
+def load(path, name):
+    """Execute the source file ``path`` as module ``name`` without importing any package.
+
+    Uses ``importlib.machinery`` (cheap) rather than ``importlib.util`` (which imports
+    contextlib, collections...).  The module goes into sys.modules once executed.
+    """
+    from importlib.machinery import SourceFileLoader
+
+    module = type(sys)(name)
+    module.__file__ = path
+    SourceFileLoader(name, path).exec_module(module)
+    sys.modules[name] = module
+    return module
+
+
+if __package__:  # imported normally, as bufferfix._startup
+    from . import _env
+else:  # loaded by path (see load()): load _env.py beside us by path too, never the package
+    _env = sys.modules.get("_bufferfix_env") or load(os.path.join(os.path.dirname(__file__), "_env.py"),
+                                                      "_bufferfix_env")
+
+
+def report(message):
+    """One line on stderr, once per distinct message; never raises."""
+    if message in _reported:
+        return
+    _reported.add(message)
+    try:
+        sys.stderr.write("bufferfix: %s\n" % message)
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def requested(environ=None):
+    """Whether start-up activation is asked for: ``BUFFERFIX_AUTO`` true, ``-E``/``-I`` not given,
+    ``BUFFERFIX_DISABLE`` not true.  An invalid ``BUFFERFIX_AUTO`` warns once and means no."""
+    if sys.flags.ignore_environment and environ is None:
+        return False
+    if not _env.flag(_env.AUTO, environ=environ):
+        return False
+    # an invalid BUFFERFIX_DISABLE is reported by bufferfix.enable() itself, later: stay quiet here
+    return not _env.flag(_env.DISABLE, environ=environ, warn=False)
+
+
+class TorchImportTrigger:
+    """``sys.meta_path`` finder that enables bufferfix when ``torch`` is first imported, then leaves.
+
+    It never finds a module itself: for any other name it returns None at once.
+    """
+
+    _bufferfix_trigger = True  # how install() recognises a trigger, whichever copy of this module made it
+    _searching = False
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname == "bufferfix":
+            uninstall()  # the program imports bufferfix itself: its own enable() takes over
+            return _find_again(fullname)
+        if fullname != _TRIGGER or self._searching:
+            return None
+        self._searching = True  # the search below goes through sys.meta_path, this finder included
+        try:
+            spec = _find_again(fullname)
+        finally:
+            self._searching = False
+        if spec is None:
+            return None  # torch is not importable (a `try: import torch` probe): stay armed, import nothing
+        uninstall()
+        if not activate():
+            return spec  # torch is imported unpatched
+        # the enabled bufferfix has put wrapt's post-import hook finder first on sys.meta_path, after
+        # the import system started going through it: search again so that it is consulted.
+        return _find_again(fullname)
+
+    def invalidate_caches(self):
+        pass
+
+    def __repr__(self):
+        return "<bufferfix start-up trigger: enables bufferfix when torch is imported>"
+
+
+def _find_again(fullname):
+    """The spec the import system finds for ``fullname`` (the trigger returning None for it).
+
+    Removing an entry from ``sys.meta_path`` while the import system goes through it makes
+    it skip the next one, so the trigger never returns None after removing itself.
+    """
+    try:
+        import importlib.util
+
+        return importlib.util.find_spec(fullname)
+    except Exception as error:  # noqa: BLE001  (the caller's import then fails as it would have)
+        report("BUFFERFIX_AUTO: could not hook the import of %s (%s: %s)" % (fullname, type(error).__name__, error))
+        return None
+
+
+def activate():
+    """Import bufferfix (its import enables it).  Returns whether it is enabled; never raises."""
+    try:
+        import bufferfix
+    except Exception as error:  # noqa: BLE001
+        report("BUFFERFIX_AUTO is set but bufferfix could not be imported by %s (%s: %s); it is not active"
+               % (sys.executable, type(error).__name__, error))
+        return False
+    try:
+        enabled = bufferfix.is_enabled()
+        if enabled:
+            import logging
+
+            logging.getLogger("bufferfix").debug("bufferfix: enabled at start-up (%s) in process %d",
+                                                 _env.AUTO, os.getpid())
+        return enabled
+    except Exception as error:  # noqa: BLE001
+        report("BUFFERFIX_AUTO: %s: %s" % (type(error).__name__, error))
+        return False
+
+
+def installed():
+    return any(getattr(finder, "_bufferfix_trigger", False) for finder in sys.meta_path)
+
+
+def install(environ=None):
+    """Arm start-up activation if :func:`requested`.  Idempotent; never raises.
+
+    Returns True when armed (or enabled already, if torch was imported before).
+    """
+    try:
+        if not requested(environ):
+            return False
+        if _TRIGGER in sys.modules:
+            return activate()
+        if not installed():
+            sys.meta_path.insert(0, TorchImportTrigger())
+        return True
+    except Exception as error:  # noqa: BLE001
+        report("BUFFERFIX_AUTO: start-up hook failed (%s: %s); bufferfix is not active"
+               % (type(error).__name__, error))
+        return False
+
+
+def uninstall():
+    """Remove every trigger (from any copy of this module) from ``sys.meta_path``."""
+    try:
+        sys.meta_path[:] = [finder for finder in sys.meta_path if not getattr(finder, "_bufferfix_trigger", False)]
+    except Exception:  # noqa: BLE001
+        pass
