@@ -197,3 +197,11 @@ def test_config_changed_after_construction_replays_with_the_values_at_constructi
     assert identical(model.inv_freq, reference.inv_freq)
     assert config.base == 500.0  # the user's object is left as they set it
     assert identical(meta_build(lambda: FromConfig(config)).to_empty(device="cpu").inv_freq, FromConfig(config).inv_freq)
+
+
+def test_unrecoverable_buffer_is_named_by_full_path_in_per_module_materialisation():
+    """FSDP1's param_init_fn materialises one module at a time; the message still names the path."""
+    model = meta_build(lambda: nn.Sequential(nn.Linear(2, 2), Holder()))
+    with pytest.warns(bufferfix.UnrecoverableBufferWarning, match=r"- 1\.random\.projection \(RandomProjection\)"):
+        for module in model.modules():
+            module.to_empty(device="cpu", recurse=False)

@@ -55,7 +55,7 @@ class Materialisation:
             self.modules = [(_qualified(root_path, path) if path else root_path, module)
                             for path, module in root.named_modules()]
         else:
-            self.modules = [(root_path, root)]
+            self.modules = [(root_path or recipes.recorded_path(root), root)]
         self.groups = {}
         for path, module in self.modules:
             for name, tensor in module._buffers.items():

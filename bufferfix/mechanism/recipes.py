@@ -171,14 +171,24 @@ def owners(module, name):
         yield module, name
 
 
+def recorded_path(module):
+    """The dotted path at which ``module`` was assigned when built on meta ('' if unknown):
+    names modules in messages when they are materialised one by one (FSDP1's param_init_fn)."""
+    names = []
+    for _, relative in owners(module, ""):
+        names = relative.rstrip(".").split(".") if relative.rstrip(".") else []
+    return ".".join(names)
+
+
 def recipe_of(module):
     return _recipes.get(module)
 
 
 def forget(module):
-    """A materialised module no longer needs its recipe (lets the replay cache go)."""
+    """A materialised module no longer needs its recipe (lets the replay cache go).  Its parent
+    link stays (a weak pair, gone with the module): modules materialised one by one after it
+    still need the chain to name themselves and to reach their ancestors' recipes."""
     _recipes.pop(module, None)
-    _parents.pop(module, None)
 
 
 def follow_copy(original, copy):
