@@ -1,10 +1,14 @@
-"""Command line: ``python -m bufferfix demo`` and ``python -m bufferfix run COMMAND...``."""
+"""Command line: ``python -m bufferfix demo | doctor TARGET | run COMMAND...``."""
+import importlib
 import sys
 
 USAGE = """\
-usage: python -m bufferfix demo [--target-loss X]
+usage: python -m bufferfix demo [--target-loss X] [--realistic-memory] [--plot FILE.png] [--json FILE]
+       python -m bufferfix doctor TARGET [--json]    (TARGET: model dir, model type such as llama, or module:callable)
        python -m bufferfix run [--] COMMAND [ARGS...]   (same as bufferfix-run COMMAND...)
+Each command takes --help.
 """
+COMMANDS = {"demo": "demo", "doctor": "doctor", "run": "launcher"}  # command -> module with main(argv)
 
 
 def main(argv=None):
@@ -13,16 +17,10 @@ def main(argv=None):
         (sys.stdout if argv else sys.stderr).write(USAGE)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    if command == "demo":
-        from . import demo
-
-        return demo.main(rest)
-    if command == "run":
-        from . import launcher
-
-        return launcher.main(rest)
-    print("bufferfix: unknown command %r (try: demo, run)" % command, file=sys.stderr)
-    return 2
+    if command not in COMMANDS:
+        print("bufferfix: unknown command %r (try: %s)" % (command, ", ".join(COMMANDS)), file=sys.stderr)
+        return 2
+    return importlib.import_module("bufferfix." + COMMANDS[command]).main(rest)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,87 @@
+"""Models for ``python -m bufferfix.doctor module:callable`` in tests/test_cli.py."""
+import math
+
+import torch
+from torch import nn
+
+
+class Sinusoidal(nn.Module):
+    """A sinusoidal position table and a causal mask: deterministic, recoverable by replay."""
+
+    def __init__(self, positions=16, dim=8):
+        super().__init__()
+        position = torch.arange(positions, dtype=torch.float32).unsqueeze(1)
+        frequency = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+        table = torch.zeros(positions, dim)
+        table[:, 0::2] = torch.sin(position * frequency)
+        table[:, 1::2] = torch.cos(position * frequency)
+        self.register_buffer("table", table, persistent=False)
+        self.register_buffer("mask", torch.tril(torch.ones(positions, positions, dtype=torch.bool)), persistent=False)
+        self.register_buffer("count", torch.zeros((), dtype=torch.int64))  # persistent: in the checkpoint
+        self.proj = nn.Linear(dim, dim)
+
+
+class RandomProjection(nn.Module):
+    """A buffer drawn from the random number generator: no build on meta can know its values."""
+
+    def __init__(self, dim=8):
+        super().__init__()
+        self.register_buffer("projection", torch.randn(dim, dim), persistent=False)
+        self.register_buffer("steps", torch.arange(float(dim)), persistent=False)
+
+
+class WithRandomBuffer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.positions = Sinusoidal()
+        self.random = RandomProjection()
+
+
+def clean_model():
+    return nn.Sequential(Sinusoidal(), nn.Linear(8, 8))
+
+
+def random_buffer_model():
+    return WithRandomBuffer()
+
+
+def no_buffers():
+    return nn.Linear(3, 3)
+
+
+def fails_to_build():
+    raise RuntimeError("this model needs a GPU")
+
+
+def not_a_module():
+    return 42
+
+
+
+_custom = {}
+
+
+def custom_pretrained_model():
+    """A custom transformers model whose ``_init_weights`` does not know its buffer (transformers
+    issue 48892).  Defined on first use, so that the other targets here never import transformers."""
+    if not _custom:
+        import transformers
+
+        class CustomConfig(transformers.PretrainedConfig):
+            model_type = "bufferfix-cli-custom"
+
+            def __init__(self, size=4, **kwargs):
+                self.size = size
+                super().__init__(**kwargs)
+
+        class CustomModel(transformers.PreTrainedModel):
+            config_class = CustomConfig
+
+            def __init__(self, config):
+                super().__init__(config)
+                self.proj = nn.Linear(config.size, config.size)
+                self.register_buffer("scale", torch.linspace(0.5, 2.0, config.size), persistent=False)
+                self.post_init()
+
+        _custom.update(config=CustomConfig, model=CustomModel)
+    return _custom["model"](_custom["config"]())
