@@ -1,24 +1,18 @@
 """Models for ``python -m bufferfix.doctor module:callable`` in tests/test_cli.py."""
-import math
-
 import torch
 from torch import nn
 
+from models import CausalMask, Sinusoidal
 
-class Sinusoidal(nn.Module):
+
+class Positions(nn.Module):
     """A sinusoidal position table and a causal mask: deterministic, recoverable by replay."""
 
     def __init__(self, positions=16, dim=8):
         super().__init__()
-        position = torch.arange(positions, dtype=torch.float32).unsqueeze(1)
-        frequency = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
-        table = torch.zeros(positions, dim)
-        table[:, 0::2] = torch.sin(position * frequency)
-        table[:, 1::2] = torch.cos(position * frequency)
-        self.register_buffer("table", table, persistent=False)
-        self.register_buffer("mask", torch.tril(torch.ones(positions, positions, dtype=torch.bool)), persistent=False)
+        self.table = Sinusoidal(positions, dim)
+        self.mask = CausalMask(positions)
         self.register_buffer("count", torch.zeros((), dtype=torch.int64))  # persistent: in the checkpoint
-        self.proj = nn.Linear(dim, dim)
 
 
 class RandomProjection(nn.Module):
@@ -33,12 +27,12 @@ class RandomProjection(nn.Module):
 class WithRandomBuffer(nn.Module):
     def __init__(self):
         super().__init__()
-        self.positions = Sinusoidal()
+        self.positions = Positions()
         self.random = RandomProjection()
 
 
 def clean_model():
-    return nn.Sequential(Sinusoidal(), nn.Linear(8, 8))
+    return nn.Sequential(Positions(), nn.Linear(8, 8))
 
 
 def random_buffer_model():
