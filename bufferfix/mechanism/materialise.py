@@ -49,13 +49,11 @@ def _qualified(path, name):
 
 
 class Materialisation:
-    def __init__(self, root, recurse=True, root_path=""):
-        self.root = root
+    def __init__(self, root, recurse=True):
         if recurse:
-            self.modules = [(_qualified(root_path, path) if path else root_path, module)
-                            for path, module in root.named_modules()]
-        else:
-            self.modules = [(root_path or recipes.recorded_path(root), root)]
+            self.modules = list(root.named_modules())
+        else:  # one module of a model materialised module by module: name it by where it was built
+            self.modules = [(recipes.recorded_path(root), root)]
         self.groups = {}
         for path, module in self.modules:
             for name, tensor in module._buffers.items():
