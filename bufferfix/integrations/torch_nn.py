@@ -92,13 +92,12 @@ def _recording_new(cls, *args, **kwargs):
 
 
 def _record_parent(parent, name, child):
-    """Global module-registration hook: remember where meta-built modules were assigned."""
-    if child is not None and not recipes.replaying():
-        try:
-            if recipes.meta_is_default_device():
-                recipes.record_child(parent, name, child)
-        except Exception:  # noqa: BLE001 - never break model construction
-            logger.exception("bufferfix: could not record %s.%s", type(parent).__qualname__, name)
+    """Global module-registration hook: remember where modules built on meta were assigned."""
+    try:
+        if child is not None and recipes.recipe_of(child) is not None:  # recorded: built on meta
+            recipes.record_child(parent, name, child)
+    except Exception:  # noqa: BLE001 - never break model construction
+        logger.exception("bufferfix: could not record %s.%s", type(parent).__qualname__, name)
 
 
 def _deepcopy(self, memo):

@@ -16,6 +16,7 @@ once every module that used it has been materialised.
 import contextlib
 import copy
 import functools
+import operator
 import random
 import sys
 import threading
@@ -24,7 +25,6 @@ import weakref
 
 import torch
 from torch import nn
-from torch.overrides import _get_current_function_mode_stack
 from torch.utils._device import DeviceContext
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -54,8 +54,8 @@ class Recipe:
         # Arguments are kept by reference, so a config object changed after construction
         # would replay with its new values: keep each argument object's attributes as they
         # were (a shallow copy of its __dict__; identity comparison, never ==).
-        self.argument_states = tuple((value, dict(vars(value))) for value in (*args, *kwargs.values())
-                                     if _has_state(value))
+        self.argument_states = tuple((value, dict(state)) for value in (*args, *kwargs.values())
+                                     for state in (_state_of(value),) if state is not None)
         self.refusal = refusal  # why this constructor must not be re-run, or None
         self._replayed = None  # (module, randomised buffer names) or ReplayError
         self._replayed_on_meta = None  # a meta build, only to read version counters
@@ -64,14 +64,14 @@ class Recipe:
         return "%s.%s(...)" % (self.cls.__module__, self.cls.__qualname__)
 
     def arguments_unchanged(self):
-        return all(_same_attributes(vars(value), state) for value, state in self.argument_states)
+        return all(_same_attributes(_state_of(value), state) for value, state in self.argument_states)
 
     def arguments_as_recorded(self):
         """``(args, kwargs)`` with every argument object that changed since construction replaced
         by a shallow copy holding its attributes as they were then."""
         restored = {}
         for value, state in self.argument_states:
-            if not _same_attributes(vars(value), state):
+            if not _same_attributes(_state_of(value), state):
                 duplicate = copy.copy(value)
                 vars(duplicate).clear()
                 vars(duplicate).update(state)
@@ -81,14 +81,28 @@ class Recipe:
         return args, kwargs
 
 
-def _has_state(value):
-    return (hasattr(value, "__dict__") and not isinstance(value, (type, types.FunctionType, types.ModuleType,
-                                                                   types.MethodType, functools.partial)))
+# Recording runs for every module built on meta (thousands for a 70B model), so the helpers below
+# look at type(value) and use object.__getattribute__: a failed isinstance() or a plain attribute
+# read goes through the argument's own __getattribute__, which transformers' configs override.
+_STATELESS = (type, types.FunctionType, types.BuiltinFunctionType, types.ModuleType, types.MethodType,
+              functools.partial)
+
+
+def _state_of(value):
+    """The argument object's attribute dict, or None for values and callables."""
+    if type(value) in _VALUE_TYPE_SET or issubclass(type(value), _STATELESS):
+        return None
+    try:
+        state = object.__getattribute__(value, "__dict__")
+    except AttributeError:
+        return None
+    return state if type(state) is dict else None
 
 
 def _same_attributes(current, recorded):
-    return len(current) == len(recorded) and all(current.get(name, _same_attributes) is value
-                                                 for name, value in recorded.items())
+    """Identity, never ==: as many attributes, in the same order, each holding the very same object
+    (names are not compared: a rename that keeps every value object in place is not a real edit)."""
+    return len(current) == len(recorded) and all(map(operator.is_, current.values(), recorded.values()))
 
 
 # --------------------------------------------------------------------------- recording
@@ -98,16 +112,20 @@ def replaying():
 
 
 def meta_is_default_device():
-    """Is ``meta`` the default device (``with torch.device("meta")``, set_default_device)?"""
-    if torch._C._len_torch_function_stack():
-        for mode in reversed(_get_current_function_mode_stack()):
-            if isinstance(mode, DeviceContext):
-                return mode.device.type == "meta"
+    """Is ``meta`` the default device (``with torch.device("meta")``, set_default_device)?
+
+    Asked for every module constructed, so it walks the mode stack in place instead of
+    building it as a list (what torch.get_default_device() does, plus a tensor allocation).
+    """
+    for index in range(torch._C._len_torch_function_stack() - 1, -1, -1):
+        mode = torch._C._get_function_stack_at(index)
+        if isinstance(mode, DeviceContext):
+            return mode.device.type == "meta"
     context = getattr(torch._GLOBAL_DEVICE_CONTEXT, "device_context", None)
     return context is not None and torch.device(context.device).type == "meta"
 
 
-_VALUE_TYPES = (int, float, complex, str, bytes, bool, type(None), torch.dtype, torch.device, type)
+_VALUE_TYPE_SET = frozenset((int, float, complex, str, bytes, bool, type(None), torch.dtype, torch.device))
 
 
 def _recipe_key_part(value):
@@ -115,11 +133,12 @@ def _recipe_key_part(value):
 
     Identity is safe because an interned recipe holds its arguments alive.
     """
-    if isinstance(value, _VALUE_TYPES):
-        return (type(value), value)
-    if isinstance(value, (tuple, list)):
-        return (type(value), tuple(_recipe_key_part(item) for item in value))
-    if isinstance(value, dict):
+    kind = type(value)
+    if kind in _VALUE_TYPE_SET or issubclass(kind, type):
+        return (kind, value)
+    if issubclass(kind, (tuple, list)):
+        return (kind, tuple(_recipe_key_part(item) for item in value))
+    if issubclass(kind, dict):
         return (dict, tuple((key, _recipe_key_part(item)) for key, item in value.items()))
     return ("id", id(value))
 
@@ -127,12 +146,13 @@ def _recipe_key_part(value):
 def _refusal(args, kwargs):
     """Why replaying a constructor called with these arguments would be unsafe or wrong."""
     for value in (*args, *kwargs.values()):
-        items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else (value,)
+        kind = type(value)
+        items = value.values() if issubclass(kind, dict) else value if issubclass(kind, (list, tuple)) else (value,)
         for item in items:
-            if isinstance(item, nn.Module):
+            if issubclass(type(item), nn.Module):
                 # Re-running e.g. Wrapper(inner) would hand back (or mutate) the live, empty module.
                 return "its constructor takes a module argument (%s), so re-running it cannot give fresh values" % type(item).__name__
-            if isinstance(item, torch.Tensor) and item.is_meta:
+            if issubclass(type(item), torch.Tensor) and item.is_meta:
                 return "its constructor takes a meta tensor argument, whose values never existed"
     return None
 
