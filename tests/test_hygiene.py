@@ -44,7 +44,8 @@ def test_a_plain_wrapper_installed_after_bufferfix_survives_disable():
     try:
         bufferfix.disable()  # cannot splice out from under a non-wrapt wrapper: ours goes inert
         reference = reference_zoo()
-        broken = FLOWS["torch.device('meta')"](Zoo, reference.state_dict())
+        # buffers kept real (init_empty_weights): only an active to_empty wrapper would restore them
+        broken = FLOWS["init_empty_weights"](Zoo, reference.state_dict())
         assert calls == ["Zoo"] and broken_buffers(broken, reference) != []
         assert bufferfix.enable()
         fixed = FLOWS["torch.device('meta')"](Zoo, reference.state_dict())
