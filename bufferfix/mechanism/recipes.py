@@ -57,6 +57,9 @@ class _ModuleTable:
     def __len__(self):
         return len(self._entries)
 
+    def values(self):
+        return [value for module_ref, value in list(self._entries.values()) if module_ref() is not None]
+
 
 _recipes = _ModuleTable()  # module -> Recipe
 _parents = _ModuleTable()  # module -> (weakref to the module it was assigned to, attribute name)
