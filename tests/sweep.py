@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import functools
 import gc
 import inspect
 import json
@@ -74,6 +75,7 @@ def architectures():
     return {model_type: found.get(model_type) for model_type in configuration_auto.CONFIG_MAPPING_NAMES}
 
 
+@functools.lru_cache(maxsize=None)
 def _parents():
     """{model_type of a sub-config: [model_types whose config holds it]}."""
     parents = {}
@@ -601,6 +603,11 @@ def check(model_type, class_name=None, time_limit_s=TIME_LIMIT_S):
     """Build ``model_type`` tiny and run every flow with and without bufferfix."""
     class_name = class_name or architectures().get(model_type)
     result = Result(model_type, class_name)
+    if class_name is None:
+        parents = _parents().get(model_type)
+        result.skipped = "no model class in transformers' auto mappings" + (
+            " (a sub-config, built inside %s)" % ", ".join(parents[:3]) if parents else "")
+        return result
     start, threads = time.perf_counter(), torch.get_num_threads()
     torch.set_num_threads(1)  # tiny tensors: threads only add overhead, more so on a busy machine
     try:
@@ -649,11 +656,6 @@ def _reference_outputs(reference, build, result):
 
 
 def _check(result):
-    if result.class_name is None:
-        parents = _parents().get(result.model_type)
-        result.skipped = "no model class in transformers' auto mappings" + (
-            " (a sub-config, built inside %s)" % ", ".join(parents[:3]) if parents else "")
-        return
     try:
         result.level, config, cls, reference = build_reference(result.model_type, result.class_name)
     except _TimeLimit:
@@ -680,6 +682,21 @@ def _check(result):
 
 
 # --------------------------------------------------------------------------- report
+
+
+def skip_category(reason):
+    if reason.startswith("no model class"):
+        return "no model class of its own (sub-configs, built inside their parent)"
+    if "needs extra dependencies" in reason:
+        return "needs a library that is not installed (timm, PIL, scipy, natten, torchaudio, ...)"
+    tries = reason.split(" | ")
+    if "parameters, over the" in tries[-1]:
+        if len(tries) == 1:
+            return "over the parameter limit even with the tiny config"
+        return "tiny config rejected (a constraint the generic shrinking misses), bigger ones over the limit"
+    if tries[-1].startswith("default config:"):
+        return "fails to build even from its default config (transformers' defaults are incomplete)"
+    return "other: " + reason[:80]
 
 
 def summary(results):
@@ -711,8 +728,17 @@ def summary(results):
         "BROKEN WITH BUFFERFIX:" if broken_with else "broken with bufferfix: none",
     ]
     lines += [r.describe(enabled=True) for r in broken_with]
+    warned = ["  %s / %s: %s" % (r.model_type, flow, w) for r in built for flow, f in r.with_bufferfix.items()
+              for w in f.warnings]
+    lines += ["", "bufferfix warnings (with bufferfix): %s" % (len(warned) or "none")] + warned[:50]
     errors = ["  %s: %s" % (r.model_type, r.harness_error.splitlines()[0]) for r in results if r.harness_error]
     lines += ["", "HARNESS ERRORS (bugs of the sweep):" if errors else "harness errors: none"] + errors
+    categories = {}
+    for r in results:
+        if r.skipped:
+            categories.setdefault(skip_category(r.skipped), []).append(r.model_type)
+    lines += ["", "skipped, by reason:"] + ["  %4d  %s" % (len(names), category) for category, names in
+                                             sorted(categories.items(), key=lambda item: -len(item[1]))]
     lines += ["", "skipped:"] + ["  %s: %s" % (r.model_type, r.skipped) for r in results if r.skipped]
     return "\n".join(lines)
 
