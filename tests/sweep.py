@@ -448,6 +448,10 @@ class _TimeLimit(Exception):
     pass
 
 
+class _CannotBuild(Exception):
+    """No level of shrinking gives a model that builds; the message lists what each level gave."""
+
+
 @contextlib.contextmanager
 def time_limit(seconds):
     """SIGALRM-based: a hung or huge build becomes an exception (main thread, POSIX only)."""
@@ -469,17 +473,28 @@ def time_limit(seconds):
 
 @contextlib.contextmanager
 def no_network():
-    """Nothing may be downloaded: any connection attempt fails (some default configs name hub models)."""
+    """Nothing may be downloaded (some default configs name hub checkpoints): the hub libraries are put
+    in offline mode, even when they were imported before HF_HUB_OFFLINE was set (they read it once),
+    and any connection attempt fails."""
     import socket
+
+    import huggingface_hub.constants
+    import transformers.utils.hub
 
     def refuse(self, *args, **kwargs):
         raise OSError("the architecture sweep is offline: no connection to %s" % (args[:1],))
 
+    flags = [(huggingface_hub.constants, "HF_HUB_OFFLINE"), (transformers.utils.hub, "_is_offline_mode")]
+    flags = [(module, name, getattr(module, name)) for module, name in flags if hasattr(module, name)]
     connect, socket.socket.connect = socket.socket.connect, refuse
+    for module, name, _ in flags:
+        setattr(module, name, True)
     try:
         yield
     finally:
         socket.socket.connect = connect
+        for module, name, value in flags:
+            setattr(module, name, value)
 
 
 @contextlib.contextmanager
@@ -596,7 +611,7 @@ def build_reference(model_type, class_name):
             errors.append("%s: %s" % (level, _skip_reason(exc)))
             if "needs extra dependencies" in errors[-1]:
                 break
-    raise RuntimeError(" | ".join(errors))
+    raise _CannotBuild(" | ".join(errors))
 
 
 def check(model_type, class_name=None, time_limit_s=TIME_LIMIT_S):
@@ -661,8 +676,7 @@ def _check(result):
     except _TimeLimit:
         raise
     except Exception as exc:  # noqa: BLE001
-        result.skipped = "cannot build: " + _skip_reason(exc) if not isinstance(exc, RuntimeError) else (
-            "cannot build: " + str(exc))
+        result.skipped = "cannot build: " + (str(exc) if isinstance(exc, _CannotBuild) else _skip_reason(exc))
         return
     result.parameters = sum(p.numel() for p in reference.parameters())
     result.buffers = sorted(non_persistent_buffers(reference))
@@ -686,29 +700,34 @@ def _check(result):
 
 def skip_category(reason):
     if reason.startswith("no model class"):
-        return "no model class of its own (sub-configs, built inside their parent)"
+        return "no model class of its own in the auto mappings (mostly sub-configs, covered inside their parent)"
     if "needs extra dependencies" in reason:
         return "needs a library that is not installed (timm, PIL, scipy, natten, torchaudio, ...)"
+    if "module transformers has no attribute" in reason:
+        return "the auto mapping names a class transformers does not export"
+    if "huggingface.co" in reason or "Can't load the configuration" in reason:
+        return "default config names a hub checkpoint (the sweep is offline: nothing is downloaded)"
     tries = reason.split(" | ")
-    if "parameters, over the" in tries[-1]:
+    if "parameters, over the" in tries[-1] or "can't allocate memory" in tries[-1]:
         if len(tries) == 1:
             return "over the parameter limit even with the tiny config"
-        return "tiny config rejected (a constraint the generic shrinking misses), bigger ones over the limit"
+        return "tiny config rejected (a constraint the generic shrinking misses), bigger ones over the size limits"
     if tries[-1].startswith("default config:"):
-        return "fails to build even from its default config (transformers' defaults are incomplete)"
+        return "does not build from its default config either (None defaults, composites needing sub-configs)"
     return "other: " + reason[:80]
 
 
-def summary(results):
+def summary(results, version=None):
     """The four numbers, the skipped architectures and what is broken, as text."""
     results = sorted(results, key=lambda r: r.model_type)
+    version = version or transformers.__version__
     built = [r for r in results if not r.skipped and not r.harness_error]
     with_buffers = [r for r in built if r.buffers]
     broken_without = [r for r in built if r.broken(enabled=False)]
     broken_with = [r for r in built if r.broken(enabled=True)]
     compared = [r for r in built if r.inputs and r.inputs.startswith("compared")]
     lines = [
-        "transformers %s, torch %s" % (transformers.__version__, torch.__version__),
+        "transformers %s" % version,
         "architectures (model types): %d" % len(results),
         "built (tiny or small enough):                %d" % len(built),
         "with non-persistent buffers:                 %d" % len(with_buffers),
@@ -743,16 +762,23 @@ def summary(results):
     return "\n".join(lines)
 
 
+def write_json(path, results):
+    with open(path, "w") as f:
+        json.dump({"transformers": transformers.__version__, "torch": torch.__version__,
+                   "results": [r.to_json() for r in results]}, f)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--report", action="store_true", help="run the sweep and print the summary")
     parser.add_argument("--json", help="also write every result to this file")
-    parser.add_argument("--from-json", help="only print the summary of a earlier --json run")
+    parser.add_argument("--from-json", help="only print the summary of an earlier --json run")
     parser.add_argument("model_types", nargs="*", help="only these (default: all)")
     args = parser.parse_args(argv)
     if args.from_json:
         with open(args.from_json) as f:
-            print(summary([Result.from_json(d) for d in json.load(f)["results"]]))
+            saved = json.load(f)
+        print(summary([Result.from_json(d) for d in saved["results"]], saved["transformers"]))
         return 0
     if not args.report:
         parser.print_help()
@@ -767,8 +793,7 @@ def main(argv=None):
                  else "BROKEN with bufferfix" if result.broken() else "ok")
         print("%-40s %6.1fs %s" % (model_type, result.seconds, state[:160]), flush=True)
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"transformers": transformers.__version__, "results": [r.to_json() for r in results]}, f)
+            write_json(args.json, results)
     print()
     print(summary(results))
     return 0

@@ -17,7 +17,6 @@ why, everything broken with bufferfix)::
 """
 import contextlib
 import functools
-import json
 import os
 
 import pytest
@@ -32,7 +31,7 @@ import sweep  # noqa: E402
 SUBSET = {
     "llama": "rotary inv_freq (+ original_inv_freq: a buffer in 5.x, a plain attribute aliasing it in 4.x)",
     "qwen2": "rotary inv_freq",
-    "gemma": "rotary inv_freq (+ embedding normaliser in 5.x)",
+    "gemma": "rotary inv_freq (+ the embedding's embed_scale in 5.x)",
     "phi": "partial rotary",
     "falcon": "rotary",
     "modernbert": "global and local rotary, per layer",
@@ -44,7 +43,7 @@ SUBSET = {
     "mimi": "audio codec: rotary, conv padding buffers and plain tensor attributes",
     "levit": "attention-bias index buffers (vision)",
     "clip": "position_ids in text and vision towers",
-    "codegen": "sinusoidal rotary table (a buffer in 5.x, a plain tensor attribute in 4.x)",
+    "codegen": "sinusoidal rotary table (a buffer in 5.x; plain tensor attributes in 4.x)",
 }
 FLOW = "torch.device('meta')"
 
@@ -88,12 +87,11 @@ def sweep_results(request):
     capture = request.config.pluginmanager.get_plugin("capturemanager")
     if reporter is not None:
         with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+            reporter.line("")
             reporter.write_sep("=", "architecture sweep")
             reporter.write_line(sweep.summary(results))
-    path = os.environ.get("BUFFERFIX_SWEEP_JSON")
-    if path:
-        with open(path, "w") as f:
-            json.dump({"transformers": transformers.__version__, "results": [r.to_json() for r in results]}, f)
+    if os.environ.get("BUFFERFIX_SWEEP_JSON"):
+        sweep.write_json(os.environ["BUFFERFIX_SWEEP_JSON"], results)
 
 
 @pytest.mark.slow
