@@ -68,3 +68,17 @@ def test_import_does_not_import_torch_and_patches_it_later():
         print(type(torch.nn.Module.__dict__["to_empty"]).__name__)
     """)
     assert out.split() == ["False", "FunctionWrapper"]
+
+
+def test_importing_a_bufferfix_submodule_before_torch_still_patches_torch():
+    # torch's post-import hook must not find the integration half-initialised (it would leave
+    # torch unpatched, with only a log line to say so).
+    for submodule in ("bufferfix.integrations.torch_nn", "bufferfix.mechanism.recipes"):
+        run_python("""
+            import sys, importlib
+            importlib.import_module(%r)
+            import torch
+            from bufferfix.integrations import torch_nn
+            assert torch_nn._active
+            assert "to_empty" in torch_nn._wrappers
+        """ % submodule)
