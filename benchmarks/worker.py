@@ -139,7 +139,8 @@ def side_table_census():
 
     gc.collect()
     cached = []
-    held_recipes = list(recipes._recipes.values()) + list(recipes._interned.values())
+    recorded = [entry[1] for entry in list(recipes._recorded.values()) if entry[0]() is not None]
+    held_recipes = [r for r in recorded if isinstance(r, recipes.Recipe)] + list(recipes._interned.values())
     for recipe in held_recipes:
         replayed = recipe._replayed
         if isinstance(replayed, tuple):
@@ -148,9 +149,9 @@ def side_table_census():
     live_replays = [ref for ref in _REPLAYED if ref() is not None]
     entries = {
         "snapshots": len(snapshots._snapshots),
-        "recipes": len(recipes._recipes),
+        "recorded": len(recorded),
         "interned": len(recipes._interned),
-        "parents": len(recipes._parents),
+        "parent_index": len(recipes._parent_index or ()),
         "version_offsets": len(recipes._version_offsets),
         "materialised": len(materialise._materialised),
         "recipes_with_replay_cache": sum(isinstance(r._replayed, tuple) for r in held_recipes),
@@ -330,7 +331,7 @@ def task_meta_build(spec, warmup=False):
     if ENABLED:
         from bufferfix.mechanism import recipes
 
-        recorded = len(recipes._recipes)
+        recorded = sum(entry[0]() is not None for entry in list(recipes._recorded.values()))
     counts = _module_counts(model)
     _drop(model)
     return {"seconds": elapsed, "recipes_recorded": recorded, **counts}

@@ -100,3 +100,19 @@ class Zoo(nn.Module):
         self.shared_a = CausalMask(4)
         self.shared_b = nn.Module()
         self.shared_b.register_buffer("mask", self.shared_a.mask, persistent=False)
+
+
+class OnTorchChildren(nn.Module):
+    """The parent gives torch.nn modules a non-persistent buffer and a plain tensor attribute.
+
+    bufferfix does not record the constructions of torch.nn's own classes (their constructors
+    make neither); what a parent puts on them must come from replaying the parent.
+    """
+
+    def __init__(self, dim=4):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(dim, dim) for _ in range(2)])
+        for index, block in enumerate(self.blocks):
+            block.register_buffer("scale", torch.full((dim,), 0.5 + index), persistent=False)
+        self.norm = nn.LayerNorm(dim)
+        self.norm.offsets = torch.arange(dim, dtype=torch.float32)

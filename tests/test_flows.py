@@ -4,7 +4,8 @@ import torch
 
 from bufferfix.flows import FLOWS
 from compare import assert_matches_reference, broken_buffers
-from models import Alibi, CausalMask, PositionIds, ScaledAfterRegistration, Signature, Sinusoidal, Zoo
+from models import (Alibi, CausalMask, OnTorchChildren, PositionIds, ScaledAfterRegistration, Signature, Sinusoidal,
+                    Zoo)
 
 MODELS = {
     "zoo": lambda: Zoo(),
@@ -14,6 +15,7 @@ MODELS = {
     "scaled in place": lambda: ScaledAfterRegistration(7, scale=2.5),
     "*args/kw-only/**kwargs": lambda: Signature(3, 4, scale=0.25, offset=-1.0),
     "expanded int64 position_ids": lambda: PositionIds(9),
+    "put on torch.nn children by the parent": lambda: OnTorchChildren(),
 }
 
 

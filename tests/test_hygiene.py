@@ -164,3 +164,43 @@ def test_deepcopy_of_a_layer_built_on_meta_keeps_its_recipe_only_while_needed():
     clone.to_empty(device="cpu")
     assert recipes.recipe_of(clone.rotary) is None  # materialised: recipe (and its replay cache) let go
     assert torch.equal(clone.rotary.inv_freq, Layer(8).rotary.inv_freq)
+
+
+def test_module_by_module_materialisation_keeps_a_parent_recipe_only_until_its_subtree_is_done():
+    from bufferfix.mechanism import materialise, recipes
+    from models import OnTorchChildren
+
+    with torch.device("meta"):
+        model = OnTorchChildren()
+    modules = list(model.modules())  # parents first, as FSDP1 calls param_init_fn
+    for module in modules[:-1]:
+        module.to_empty(device="cpu", recurse=False)
+    assert recipes.recipe_of(model) is not None  # the last child may still need the root's replay
+    modules[-1].to_empty(device="cpu", recurse=False)
+    assert [recipes.recipe_of(module) for module in modules] == [None] * len(modules)
+    assert not materialise._awaiting
+    assert torch.equal(model.norm.offsets, torch.arange(4, dtype=torch.float32))
+
+
+def test_torch_nn_classes_left_unrecorded_make_no_non_persistent_buffers():
+    """bufferfix does not record the constructions of torch.nn's own classes (most of a model's
+    modules); the premise is that none of their constructors makes a non-persistent buffer or a
+    plain tensor attribute, in the torch version under test."""
+    import pathlib
+
+    from bufferfix.integrations import torch_nn
+
+    unrecorded = torch_nn._unrecorded_classes
+    assert {nn.Linear, nn.Embedding, nn.LayerNorm, nn.SiLU} <= unrecorded
+    assert not {nn.Sequential, nn.ModuleList, nn.ModuleDict} & unrecorded  # containers: see torch_nn_own_classes
+    sources = {cls: pathlib.Path(inspect.getsourcefile(cls)) for cls in unrecorded}
+    for path in set(sources.values()):
+        assert "persistent=False" not in path.read_text(), path
+    with torch.device("meta"):
+        built = [nn.Linear(4, 4), nn.Embedding(8, 4), nn.LayerNorm(4), nn.RMSNorm(4), nn.Conv1d(2, 2, 3),
+                 nn.MultiheadAttention(4, 2), nn.TransformerEncoderLayer(4, 2), nn.GRU(4, 4), nn.BatchNorm1d(4)]
+    for module in built:
+        for sub in module.modules():
+            assert not sub._non_persistent_buffers_set, type(sub)
+            assert not [name for name, value in vars(sub).items()
+                        if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter)], type(sub)

@@ -23,8 +23,9 @@ logger = logging.getLogger("bufferfix")
 
 _local = threading.local()
 _wrappers = {}  # attribute name -> wrapt handle
-_registration_hooks = []
 _active = False
+_unrecorded_classes = frozenset()  # see recipes.torch_nn_own_classes
+_parameter_hook = []  # handle of the global parameter-registration hook (see recipes.parameters_to_meta)
 
 
 def _device_of(device):
@@ -82,22 +83,13 @@ def _moving_to_meta(wrapped, instance, args, kwargs, recurse=True):
 
 def _recording_new(cls, *args, **kwargs):
     module = object.__new__(cls)
-    if _active and not recipes.replaying():
+    if _active and cls not in _unrecorded_classes:
         try:
-            if recipes.meta_is_default_device():
+            if recipes.meta_is_default_device() and not recipes.replaying():
                 recipes.record_construction(module, cls, args, kwargs)
         except Exception:  # noqa: BLE001 - never break construction
             logger.exception("bufferfix: could not record the construction of %s", cls.__qualname__)
     return module
-
-
-def _record_parent(parent, name, child):
-    """Global module-registration hook: remember where modules built on meta were assigned."""
-    try:
-        if child is not None and recipes.recipe_of(child) is not None:  # recorded: built on meta
-            recipes.record_child(parent, name, child)
-    except Exception:  # noqa: BLE001 - never break model construction
-        logger.exception("bufferfix: could not record %s.%s", type(parent).__qualname__, name)
 
 
 def _deepcopy(self, memo):
@@ -136,9 +128,10 @@ def _is_ours(candidate, name):
 
 
 def instrument(_torch=None):
-    global _active
+    global _active, _unrecorded_classes
     if _active:
         return
+    _unrecorded_classes = recipes.torch_nn_own_classes()
     _wrappers["to_empty"] = wrapt.wrap_function_wrapper(nn.Module, "to_empty", _to_empty)
     _wrappers["to"] = wrapt.wrap_function_wrapper(nn.Module, "to", _to)
     _wrappers["load_state_dict"] = wrapt.wrap_function_wrapper(nn.Module, "load_state_dict", _load_state_dict)
@@ -153,9 +146,7 @@ def instrument(_torch=None):
                        "recorded, so their buffers cannot be recomputed", current_new)
     if "__deepcopy__" not in nn.Module.__dict__ or _is_ours(nn.Module.__dict__["__deepcopy__"], "_deepcopy"):
         nn.Module.__deepcopy__ = _deepcopy
-    module_hooks = nn.modules.module
-    _registration_hooks.append(module_hooks.register_module_parameter_registration_hook(recipes.parameters_to_meta))
-    _registration_hooks.append(module_hooks.register_module_module_registration_hook(_record_parent))
+    _parameter_hook.append(nn.modules.module.register_module_parameter_registration_hook(recipes.parameters_to_meta))
     _active = True
     logger.debug("bufferfix: torch.nn.Module instrumented")
 
@@ -173,7 +164,7 @@ def uninstrument():
         del _wrappers[name]
     if _is_ours(nn.Module.__dict__.get("__deepcopy__"), "_deepcopy"):
         del nn.Module.__deepcopy__
-    while _registration_hooks:
-        _registration_hooks.pop().remove()
+    while _parameter_hook:
+        _parameter_hook.pop().remove()
     _active = False
     logger.debug("bufferfix: torch.nn.Module uninstrumented")

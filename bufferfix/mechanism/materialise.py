@@ -17,6 +17,7 @@ Values are copied into the materialised tensor, so it keeps the dtype and device
 the materialisation gave it (exactly what ``.to()`` would do to a normal build).
 """
 import logging
+import weakref
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
@@ -50,10 +51,12 @@ def _qualified(path, name):
 
 class Materialisation:
     def __init__(self, root, recurse=True):
+        self.root, self.recurse = root, recurse
         if recurse:
             self.modules = list(root.named_modules())
         else:  # one module of a model materialised module by module: name it by where it was built
             self.modules = [(recipes.recorded_path(root), root)]
+            self.root_was_meta = _holds_meta_tensors(root)
         self.groups = {}
         for path, module in self.modules:
             for name, tensor in module._buffers.items():
@@ -103,8 +106,11 @@ class Materialisation:
                                      "buffer has shape %s" % (tuple(value.shape), tuple(target.shape))))
                     continue
                 self._write(group, target, value)
-        for _, module in self.modules:
-            recipes.forget(module)
+        if self.recurse:
+            for _, module in self.modules:
+                recipes.forget(module)
+        else:
+            _forget_when_subtree_done(self.root, self.root_was_meta)
         errors.report_unrecoverable(failures)
 
     def _reshare(self, group):
@@ -201,6 +207,34 @@ class Materialisation:
                 report.append((self._name(group), group.tensor, how if value is not None else None,
                                None if value is not None else how))
         return report
+
+
+# Modules materialised one at a time (FSDP1's param_init_fn), parents first: a parent keeps its
+# recipe until every descendant that was still on meta has been materialised, since a buffer
+# its constructor put on a child can only come from replaying the parent.
+_awaiting = {}  # id(module) -> [weakref to the module, descendants still on meta]
+
+
+def _holds_meta_tensors(module):
+    return any(tensor is not None and tensor.is_meta
+               for tensor in (*module._parameters.values(), *module._buffers.values()))
+
+
+def _forget_when_subtree_done(module, was_meta):
+    waiting = sum(1 for sub in module.modules() if sub is not module and _holds_meta_tensors(sub))
+    if waiting:
+        _awaiting[id(module)] = [weakref.ref(module), waiting]
+    else:
+        recipes.forget(module)
+    if not was_meta or not _awaiting:
+        return
+    for ancestor in recipes.ancestors(module):
+        entry = _awaiting.get(id(ancestor))
+        if entry is not None and entry[0]() is ancestor:
+            entry[1] -= 1
+            if entry[1] <= 0:
+                del _awaiting[id(ancestor)]
+                recipes.forget(ancestor)
 
 
 def materialise_meta_buffers(model, device="cpu"):

@@ -28,41 +28,19 @@ from torch import nn
 from torch.utils._device import DeviceContext
 from torch.utils.weak import WeakIdKeyDictionary
 
-_local = threading.local()
-class _ModuleTable:
-    """A weak, identity-keyed map for modules: entries vanish with their module.
-
-    Like torch's WeakIdKeyDictionary (a module class may define __eq__/__hash__), but a plain
-    dict keyed by id() with a C-level weakref per entry: every module built on meta goes
-    through it, and WeakIdKeyDictionary's Python-level reference objects cost ~2-4 us an access.
-    A weakref callback runs before its object's id can be reused, so ids never collide.
-    """
-
-    def __init__(self):
-        self._entries = {}  # id(module) -> (weakref to the module, value)
-
-    def __setitem__(self, module, value):
-        key, entries = id(module), self._entries
-        entries[key] = (weakref.ref(module, lambda _, key=key: entries.pop(key, None)), value)
-
-    def get(self, module):
-        entry = self._entries.get(id(module))
-        return entry[1] if entry is not None and entry[0]() is module else None
-
-    def pop(self, module):
-        entry = self._entries.get(id(module))
-        if entry is not None and entry[0]() is module:
-            del self._entries[id(module)]
-
-    def __len__(self):
-        return len(self._entries)
-
-    def values(self):
-        return [value for module_ref, value in list(self._entries.values()) if module_ref() is not None]
+class _ThreadState(threading.local):
+    replaying = False  # a class default: a missing thread-local attribute costs an exception
 
 
-_recipes = _ModuleTable()  # module -> Recipe
-_parents = _ModuleTable()  # module -> (weakref to the module it was assigned to, attribute name)
+_local = _ThreadState()
+
+# Every module constructed while meta is the default device (thousands for a 70B model) is
+# recorded, so recording must cost next to nothing: the raw call is kept, and turned into a
+# Recipe (interned, comparable) only if one of its buffers ever needs recomputing.
+_recorded = {}  # id(module) -> (weakref to the module, Recipe or raw construction tuple)
+_PRUNE_AT_LEAST = 4096
+_prune_at = _PRUNE_AT_LEAST
+_parent_index = None  # id(child) -> (weakref to parent, attribute), built when first asked for
 _version_offsets = WeakIdKeyDictionary()  # deep-copied meta tensor -> writes its original had seen
 _interned = weakref.WeakValueDictionary()  # recipe key -> Recipe
 _recompute_functions = {}  # class -> fn(module) -> {name: tensor}
@@ -77,16 +55,15 @@ class Recipe:
     __slots__ = ("cls", "args", "kwargs", "default_dtype", "argument_states", "refusal", "_replayed",
                  "_replayed_on_meta", "__weakref__")
 
-    def __init__(self, cls, args, kwargs, default_dtype, refusal=None):
+    def __init__(self, cls, args, kwargs, default_dtype, argument_states=(), refusal=None):
         self.cls = cls
         self.args = args
         self.kwargs = kwargs
         self.default_dtype = default_dtype
         # Arguments are kept by reference, so a config object changed after construction
-        # would replay with its new values: keep each argument object's attributes as they
-        # were (a shallow copy of its __dict__; identity comparison, never ==).
-        self.argument_states = tuple((value, dict(state)) for value in (*args, *kwargs.values())
-                                     for state in (_state_of(value),) if state is not None)
+        # would replay with its new values: each argument object's attributes as they were
+        # at construction (a shallow copy of its __dict__; compared by identity, never ==).
+        self.argument_states = argument_states
         self.refusal = refusal  # why this constructor must not be re-run, or None
         self._replayed = None  # (module, randomised buffer names) or ReplayError
         self._replayed_on_meta = None  # a meta build, only to read version counters
@@ -94,8 +71,11 @@ class Recipe:
     def describe(self):
         return "%s.%s(...)" % (self.cls.__module__, self.cls.__qualname__)
 
-    def arguments_unchanged(self):
-        return all(_same_attributes(_state_of(value), state) for value, state in self.argument_states)
+    def has_argument_states(self, states):
+        """Were the arguments, attribute by attribute, the same objects as in ``states``?"""
+        return len(states) == len(self.argument_states) and all(
+            value is other and _same_attributes(state, other_state)
+            for (value, state), (other, other_state) in zip(self.argument_states, states))
 
     def arguments_as_recorded(self):
         """``(args, kwargs)`` with every argument object that changed since construction replaced
@@ -139,7 +119,7 @@ def _same_attributes(current, recorded):
 # --------------------------------------------------------------------------- recording
 
 def replaying():
-    return getattr(_local, "replaying", False)
+    return _local.replaying
 
 
 def meta_is_default_device():
@@ -148,12 +128,20 @@ def meta_is_default_device():
     Asked for every module constructed, so it walks the mode stack in place instead of
     building it as a list (what torch.get_default_device() does, plus a tensor allocation).
     """
-    for index in range(torch._C._len_torch_function_stack() - 1, -1, -1):
-        mode = torch._C._get_function_stack_at(index)
+    global _last_device_context
+    for index in range(_function_mode_stack_length() - 1, -1, -1):
+        mode = _function_mode_at(index)
         if isinstance(mode, DeviceContext):
-            return mode.device.type == "meta"
-    context = getattr(torch._GLOBAL_DEVICE_CONTEXT, "device_context", None)
+            if mode is not _last_device_context[0]:  # device.type builds a string: ask once per context
+                _last_device_context = (mode, mode.device.type == "meta")
+            return _last_device_context[1]
+    context = vars(torch._GLOBAL_DEVICE_CONTEXT).get("device_context")  # getattr's default raises inside
     return context is not None and torch.device(context.device).type == "meta"
+
+
+_last_device_context = (None, False)
+_function_mode_stack_length = torch._C._len_torch_function_stack
+_function_mode_at = torch._C._get_function_stack_at
 
 
 _VALUE_TYPE_SET = frozenset((int, float, complex, str, bytes, bool, type(None), torch.dtype, torch.device))
@@ -174,56 +162,160 @@ def _recipe_key_part(value):
     return ("id", id(value))
 
 
-def _refusal(args, kwargs):
-    """Why replaying a constructor called with these arguments would be unsafe or wrong."""
-    for value in (*args, *kwargs.values()):
-        kind = type(value)
-        items = value.values() if issubclass(kind, dict) else value if issubclass(kind, (list, tuple)) else (value,)
-        for item in items:
-            if issubclass(type(item), nn.Module):
-                # Re-running e.g. Wrapper(inner) would hand back (or mutate) the live, empty module.
-                return "its constructor takes a module argument (%s), so re-running it cannot give fresh values" % type(item).__name__
-            if issubclass(type(item), torch.Tensor) and item.is_meta:
-                return "its constructor takes a meta tensor argument, whose values never existed"
+def _refusal(value):
+    """Why replaying a constructor called with this argument would be unsafe or wrong, or None."""
+    kind = type(value)
+    items = value.values() if issubclass(kind, dict) else value if issubclass(kind, (list, tuple)) else (value,)
+    for item in items:
+        if issubclass(type(item), nn.Module):
+            # Re-running e.g. Wrapper(inner) would hand back (or mutate) the live, empty module.
+            return "its constructor takes a module argument (%s), so re-running it cannot give fresh values" % type(item).__name__
+        if issubclass(type(item), torch.Tensor) and item.is_meta:
+            return "its constructor takes a meta tensor argument, whose values never existed"
     return None
 
 
+def _argument_states(args, kwargs):
+    """``((argument, copy of its attributes), ...)`` for argument objects (configs), or a refusal.
+
+    Runs for every module recorded, hence the fast paths by exact type."""
+    states = ()
+    for value in (*args, *kwargs.values()) if kwargs else args:
+        kind = type(value)
+        if kind in _VALUE_TYPE_SET or issubclass(kind, _STATELESS):
+            continue
+        if issubclass(kind, (nn.Module, torch.Tensor, list, tuple, dict)):
+            refusal = _refusal(value)
+            if refusal is not None:
+                return refusal
+            continue
+        state = _state_of(value)
+        if state is not None:
+            states += ((value, state.copy()),)
+    return states
+
+
+def torch_nn_own_classes():
+    """torch.nn's own module classes (Linear, Embedding, LayerNorm, SiLU, ...), containers aside.
+
+    None of their constructors makes a non-persistent buffer or a plain tensor attribute
+    (tests/test_hygiene.py reads their sources to check), so their constructions are not
+    recorded: they are most of the modules of a model, and a buffer that a parent module puts
+    on one of them is recovered by replaying the parent.  Sequential / ModuleList / ModuleDict
+    are still recorded: the parent index walks down from recorded modules, and a container is
+    often the top of a model (``nn.Sequential(...)``) or between a model and its layers.
+    """
+    found, pending = set(), [nn.Module]
+    while pending:
+        for subclass in pending.pop().__subclasses__():
+            if subclass not in found:
+                found.add(subclass)
+                pending.append(subclass)
+    containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+    return frozenset(cls for cls in found
+                     if cls.__module__.startswith("torch.nn.modules.") and not issubclass(cls, containers))
+
+
 def record_construction(module, cls, args, kwargs):
-    """Called from ``nn.Module.__new__`` while meta is the default device."""
-    default_dtype = torch.get_default_dtype()
-    refusal = _refusal(args, kwargs)
-    if refusal is not None:
-        # Keep no arguments: they may hold the model itself alive.
-        _recipes[module] = Recipe(cls, (), {}, default_dtype, refusal)
-        return
+    """Called from ``nn.Module.__new__`` while meta is the default device: keep the raw call."""
+    global _parent_index
+    states = _argument_states(args, kwargs)
+    if type(states) is str:  # refused: keep no arguments, they may hold the model itself alive
+        args, kwargs = (), {}
+    _recorded[id(module)] = (weakref.ref(module), (cls, args, kwargs, torch.get_default_dtype(), states))
+    _parent_index = None  # the module tree changed
+    if len(_recorded) > _prune_at:
+        _prune()
+
+
+def _prune():
+    """Entries are not removed when their module dies (a weakref callback per module costs more
+    than the whole record): sweep the dead ones whenever the table has doubled."""
+    global _prune_at
+    for key, (module_ref, _) in list(_recorded.items()):
+        if module_ref() is None:
+            del _recorded[key]
+    _prune_at = max(_PRUNE_AT_LEAST, 2 * len(_recorded))
+
+
+def recipe_of(module):
+    """The module's Recipe if it was built on meta (made from the raw record on first use)."""
+    entry = _recorded.get(id(module))
+    if entry is None or entry[0]() is not module:
+        return None
+    recipe = entry[1]
+    if type(recipe) is tuple:
+        recipe = _intern(*recipe)
+        _recorded[id(module)] = (entry[0], recipe)
+    return recipe
+
+
+def _intern(cls, args, kwargs, default_dtype, states):
+    """One Recipe for identical constructor calls (80 decoder layers, one replay)."""
+    if type(states) is str:
+        return Recipe(cls, (), {}, default_dtype, refusal=states)
+    # Plain values compare by value, argument objects by identity (held alive by the recipe).
     key = (cls, default_dtype, _recipe_key_part(args), _recipe_key_part(kwargs))
     recipe = _interned.get(key)
-    if recipe is None or not recipe.arguments_unchanged():  # a config changed in between: a new recipe
-        recipe = _interned[key] = Recipe(cls, args, kwargs, default_dtype)
-    _recipes[module] = recipe
-
-
-def record_child(parent, name, child):
-    """Called when a module built on meta is assigned to another: replaying the parent can then
-    recompute buffers the parent's constructor put on the child."""
-    _parents[child] = (weakref.ref(parent), name)
+    if recipe is None or not recipe.has_argument_states(states):  # a config changed in between
+        recipe = _interned[key] = Recipe(cls, args, kwargs, default_dtype, states)
+    return recipe
 
 
 def owners(module, name):
-    """``(module, name)``, then each recorded ancestor with the name relative to it."""
+    """``(module, name)``, then each ancestor with the name relative to it."""
     yield module, name
     seen = {id(module)}
-    while _parents.get(module) is not None:
-        parent_ref, attribute = _parents.get(module)
-        module, name = parent_ref(), attribute + "." + name
-        if module is None or id(module) in seen:
+    while True:
+        parent = _parent_of(module)
+        if parent is None or id(parent[0]) in seen:
             return
+        module, name = parent[0], parent[1] + "." + name
         seen.add(id(module))
         yield module, name
 
 
+def ancestors(module):
+    for owner, _ in owners(module, ""):
+        if owner is not module:
+            yield owner
+
+
+def _parent_of(module):
+    """``(parent, attribute)`` if ``module`` is a child of a module built on meta (or of a container
+    in one), else None.
+
+    Asked only when a module's own recipe is not enough or a module is materialised alone, so
+    the child -> parent index is built then, over every recorded module, and kept until the next
+    module is recorded (FSDP1 materialises a thousand modules one by one: one index for all).
+    """
+    global _parent_index
+    if _parent_index is None:
+        # Every module reachable from a recorded one: containers (ModuleList, ...) are not recorded.
+        _parent_index, visited = {}, set()
+        pending = [entry[0]() for entry in list(_recorded.values())]
+        while pending:
+            parent = pending.pop()
+            if parent is None or id(parent) in visited:
+                continue
+            visited.add(id(parent))
+            parent_ref = weakref.ref(parent)
+            for attribute, child in parent._modules.items():
+                if child is not None:
+                    _parent_index[id(child)] = (parent_ref, attribute)
+                    pending.append(child)
+    entry = _parent_index.get(id(module))
+    if entry is None:
+        return None
+    parent = entry[0]()
+    # The tree may have changed since (a child replaced, a wrapper inserted): only a live link counts.
+    if parent is None or parent._modules.get(entry[1]) is not module:
+        return None
+    return parent, entry[1]
+
+
 def recorded_path(module):
-    """The dotted path at which ``module`` was assigned when built on meta ('' if unknown):
+    """The dotted path of ``module`` below its outermost ancestor built on meta ('' if none):
     names modules in messages when they are materialised one by one (FSDP1's param_init_fn)."""
     names = []
     for _, relative in owners(module, ""):
@@ -231,23 +323,22 @@ def recorded_path(module):
     return ".".join(names)
 
 
-def recipe_of(module):
-    return _recipes.get(module)
-
-
 def forget(module):
-    """A materialised module no longer needs its recipe (lets the replay cache go).  Its parent
-    link stays (a weak pair, gone with the module): modules materialised one by one after it
-    still need the chain to name themselves and to reach their ancestors' recipes."""
-    _recipes.pop(module)
+    """A materialised module no longer needs its recipe (lets the replay cache go).  The parent
+    index keeps its weak link: modules materialised one by one after it still need the chain to
+    name themselves."""
+    entry = _recorded.get(id(module))
+    if entry is not None and entry[0]() is module:
+        del _recorded[id(module)]
 
 
 def follow_copy(original, copy):
-    """``copy.deepcopy`` of a meta-built module keeps its recipe (not its parent: a copy is
-    assigned somewhere new, which records that)."""
-    recipe = _recipes.get(original)
-    if recipe is not None:
-        _recipes[copy] = recipe
+    """``copy.deepcopy`` of a meta-built module keeps its recipe."""
+    global _parent_index
+    entry = _recorded.get(id(original))
+    if entry is not None and entry[0]() is original:
+        _recorded[id(copy)] = (weakref.ref(copy), entry[1])
+        _parent_index = None
 
 
 def follow_tensor_copy(original, copy):
@@ -270,7 +361,7 @@ def _raw_version(tensor):
 
 
 def has_any():
-    return len(_recipes) > 0
+    return bool(_recorded)
 
 
 # --------------------------------------------------------------------------- user recipes
@@ -307,7 +398,9 @@ def registered_recompute(cls):
 # --------------------------------------------------------------------------- replay
 
 def parameters_to_meta(module, name, param):
-    """Global parameter-registration hook: during a replay, parameters go straight to meta."""
+    """Global parameter-registration hook: during a replay, parameters go straight to meta (only
+    the buffers are wanted, so no weight memory is touched).  It stays installed: adding it per
+    replay would mutate torch's hook dict while another thread iterates it."""
     if param is None or not replaying() or param.is_meta:
         return None
     if type(param) is nn.Parameter:
