@@ -615,6 +615,9 @@ def main(argv=None):
     parser.add_argument("--reps-scale", type=float, default=1.0, help="multiply repetition counts")
     parser.add_argument("--profile", action="store_true", help="cProfile bufferfix during the meta build")
     parser.add_argument("--no-startup", action="store_true", help="skip item 1 (benchmarks/startup.py)")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="A/A run: both workers without bufferfix, so every ratio shows only this machine's "
+                             "noise (how far from 1.00 a ratio can land when nothing differs)")
     args = parser.parse_args(argv)
 
     sizes = json.loads(json.dumps(QUICK if args.quick else FULL))
@@ -633,7 +636,8 @@ def main(argv=None):
 
     started = time.time()
     report = Report()
-    meta = {"mode": "quick" if args.quick else "full", "machine": machine(), "load_average_start": load_average(),
+    meta = {"mode": ("calibration (A/A: no bufferfix in either worker), " if args.calibrate else "")
+            + ("quick" if args.quick else "full"), "machine": machine(), "load_average_start": load_average(),
             "threads": args.threads, "items": sorted(items), "command": " ".join([Path(sys.executable).name] + sys.argv)}
 
     def step(name):
@@ -653,14 +657,14 @@ def main(argv=None):
         on = off = None
         if needs_workers:
             step("starting workers")
-            on = Worker("enabled", True, args.threads, tmp)
+            on = Worker("enabled", not args.calibrate, args.threads, tmp)
             off = Worker("disabled", False, args.threads, tmp)
         try:
             if needs_workers:
                 on.wait_ready()
                 off.wait_ready()
                 meta["workers"] = {"enabled": on.call("info"), "disabled": off.call("info")}
-                if meta["workers"]["enabled"]["enabled"] is not True or meta["workers"]["disabled"]["enabled"]:
+                if meta["workers"]["enabled"]["enabled"] is args.calibrate or meta["workers"]["disabled"]["enabled"]:
                     raise WorkerError("worker set-up wrong: %r" % meta["workers"])
             memory_rows = {}
 

@@ -40,8 +40,8 @@ class _Group:
 
     def __init__(self, tensor):
         self.tensor = tensor
-        self.buffers = []  # (module, path, name)
-        self.attributes = []  # (module, path, name)
+        self.buffers = []  # (module, name)
+        self.attributes = []  # (module, name)
         self.needs_value = False
 
 
@@ -49,33 +49,72 @@ def _qualified(path, name):
     return "%s.%s" % (path, name) if path else name
 
 
+# Types seen as module attributes that are not tensors (bool, dict, set, configs, ...): a module
+# whose attributes all have such types holds no tensor attribute, which set.issuperset decides in C.
+_NON_TENSOR_TYPES = set()
+
+
+def _modules_in_order(root):
+    """``root.modules()`` (pre-order, each module once), without nested generators."""
+    found, pending = {}, [root]
+    while pending:
+        module = pending.pop()
+        if module is not None and id(module) not in found:
+            found[id(module)] = module
+            pending.extend(reversed(module._modules.values()))
+    return list(found.values())
+
+
+def _remember_non_tensor_type(kind):
+    if len(_NON_TENSOR_TYPES) > 10000:  # e.g. classes made on the fly: do not keep them all alive
+        _NON_TENSOR_TYPES.clear()
+    _NON_TENSOR_TYPES.add(kind)
+
+
 class Materialisation:
     def __init__(self, root, recurse=True):
+        # Runs over every module of the model at every materialisation: module paths (only needed
+        # to name a buffer in a message) are worked out later, and only if asked for.
         self.root, self.recurse = root, recurse
-        if recurse:
-            self.modules = list(root.named_modules())
-        else:  # one module of a model materialised module by module: name it by where it was built
-            self.modules = [(recipes.recorded_path(root), root)]
+        self.modules = _modules_in_order(root) if recurse else [root]
+        if not recurse:
             self.root_was_meta = _holds_meta_tensors(root)
+        self._paths = None
         self.groups = {}
-        for path, module in self.modules:
+        for module in self.modules:
+            if not module._buffers:
+                continue
+            non_persistent = module._non_persistent_buffers_set
             for name, tensor in module._buffers.items():
                 if tensor is not None:
                     group = self._group(tensor)
-                    group.buffers.append((module, path, name))
-                    if name in module._non_persistent_buffers_set:
+                    group.buffers.append((module, name))
+                    if name in non_persistent:
                         group.needs_value = True
-        for path, module in self.modules:
-            for name, value in vars(module).items():
-                if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
+        for module in self.modules:
+            attributes = vars(module)
+            if _NON_TENSOR_TYPES.issuperset(map(type, attributes.values())):
+                continue  # the common case, decided in C
+            for name, value in attributes.items():
+                if not isinstance(value, torch.Tensor):
+                    _remember_non_tensor_type(type(value))
+                elif not isinstance(value, torch.nn.Parameter):
                     group = self.groups.get(id(value))
                     if group is None and value.is_meta:  # a plain attribute that never got a value
                         group = self._group(value)
                         group.needs_value = True
                     if group is not None:
-                        group.attributes.append((module, path, name))
+                        group.attributes.append((module, name))
         self.groups = {key: group for key, group in self.groups.items()
                        if group.needs_value or group.attributes or len(group.buffers) > 1}
+
+    def _path(self, module):
+        if self._paths is None:
+            if self.recurse:
+                self._paths = {id(sub): path for path, sub in self.root.named_modules()}
+            else:  # one module of a model materialised module by module: name it by where it was built
+                self._paths = {id(self.root): recipes.recorded_path(self.root)}
+        return self._paths.get(id(module), "")
 
     def _group(self, tensor):
         group = self.groups.get(id(tensor))
@@ -95,10 +134,11 @@ class Materialisation:
                 if value is None:
                     failures.append((self._name(group), how))
                     continue
-                logger.debug("bufferfix: %s: %s", self._name(group), how)
+                if logger.isEnabledFor(logging.DEBUG):
+                    logger.debug("bufferfix: %s: %s", self._name(group), how)
                 if target is None:  # a plain attribute only: it takes the recovered tensor itself
                     moved = value.to(device if device is not None else value.device, copy=True)
-                    for module, _, name in group.attributes:
+                    for module, name in group.attributes:
                         module.__dict__[name] = moved
                     continue
                 if tuple(value.shape) != tuple(target.shape):
@@ -107,8 +147,7 @@ class Materialisation:
                     continue
                 self._write(group, target, value)
         if self.recurse:
-            for _, module in self.modules:
-                recipes.forget(module)
+            recipes.forget_all(self.modules)
         else:
             _forget_when_subtree_done(self.root, self.root_was_meta)
         errors.report_unrecoverable(failures)
@@ -117,7 +156,7 @@ class Materialisation:
         """Make every slot of the group hold the same (materialised) tensor again."""
         if not group.buffers:
             return None
-        module, _, name = group.buffers[0]
+        module, name = group.buffers[0]
         target = module._buffers[name]
         earlier = _materialised.get(group.tensor)
         if earlier is not None and earlier.device == target.device and earlier.dtype == target.dtype:
@@ -125,9 +164,9 @@ class Materialisation:
             group.needs_value = False  # filled by the earlier call
         elif not target.is_meta:
             _materialised[group.tensor] = target
-        for other, _, other_name in group.buffers[1:]:
+        for other, other_name in group.buffers[1:]:
             other._buffers[other_name] = target
-        for other, _, other_name in group.attributes:
+        for other, other_name in group.attributes:
             other.__dict__[other_name] = target
         return target
 
@@ -139,15 +178,14 @@ class Materialisation:
         except RuntimeError:
             # An expanded target (stride 0) cannot be written element-wise: swap the tensor.
             replacement = value.to(device=target.device, dtype=target.dtype, copy=True)
-            for module, _, name in group.buffers:
+            for module, name in group.buffers:
                 module._buffers[name] = replacement
-            for module, _, name in group.attributes:
+            for module, name in group.attributes:
                 module.__dict__[name] = replacement
 
-    @staticmethod
-    def _name(group):
-        module, path, name = (group.buffers or group.attributes)[0]
-        return "%s (%s)" % (_qualified(path, name) or name, type(module).__qualname__)
+    def _name(self, group):
+        module, name = (group.buffers or group.attributes)[0]
+        return "%s (%s)" % (_qualified(self._path(module), name), type(module).__qualname__)
 
     # ------------------------------------------------------------------ sources
     def _value_for(self, group):
@@ -159,7 +197,7 @@ class Materialisation:
         if snapshot is not None:
             return snapshot, "snapshot taken before the move to meta"
         reasons = []
-        for module, path, name in group.buffers + group.attributes:
+        for module, name in group.buffers + group.attributes:
             value, how = self._recompute(module, name, old, reasons)
             if value is not None:
                 return value, how
@@ -247,7 +285,7 @@ def materialise_meta_buffers(model, device="cpu"):
         return
     for group in plan.groups.values():
         if group.buffers:
-            module, _, name = group.buffers[0]
+            module, name = group.buffers[0]
             module._buffers[name] = torch.empty_like(group.tensor, device=device)
     plan.restore(device)
 

@@ -139,6 +139,15 @@ def meta_is_default_device():
     return context is not None and torch.device(context.device).type == "meta"
 
 
+def _device_context():
+    """The DeviceContext that sets the default device, or None (the default device is CPU)."""
+    for index in range(_function_mode_stack_length() - 1, -1, -1):
+        mode = _function_mode_at(index)
+        if isinstance(mode, DeviceContext):
+            return mode
+    return vars(torch._GLOBAL_DEVICE_CONTEXT).get("device_context")
+
+
 _last_device_context = (None, False)
 _function_mode_stack_length = torch._C._len_torch_function_stack
 _function_mode_at = torch._C._get_function_stack_at
@@ -327,9 +336,14 @@ def forget(module):
     """A materialised module no longer needs its recipe (lets the replay cache go).  The parent
     index keeps its weak link: modules materialised one by one after it still need the chain to
     name themselves."""
-    entry = _recorded.get(id(module))
-    if entry is not None and entry[0]() is module:
-        del _recorded[id(module)]
+    # An entry under a live module's id is its own, or a dead module's whose id was reused: both go.
+    _recorded.pop(id(module), None)
+
+
+def forget_all(modules):
+    if _recorded:
+        for module in modules:
+            _recorded.pop(id(module), None)
 
 
 def follow_copy(original, copy):
@@ -421,8 +435,12 @@ def _isolated(default_dtype, device="cpu"):
     numpy = sys.modules.get("numpy")
     numpy_rng = numpy.random.get_state() if numpy is not None else None
     _local.replaying = True
+    # A device context sends every torch call through Python (~50 us per replay): skip it when
+    # the default device is already the one wanted.
+    context = _device_context()
+    on_device = contextlib.nullcontext() if device == "cpu" and context is None else torch.device(device)
     try:
-        with torch.random.fork_rng(devices=[]), torch.device(device):
+        with torch.random.fork_rng(devices=[]), on_device:
             torch.set_default_dtype(default_dtype)
             yield
     finally:
