@@ -84,3 +84,60 @@ def test_builtin_models_from_pretrained(tmp_path, name):
     reference = _saved(tmp_path, build)
     loaded = type(reference).from_pretrained(tmp_path)
     assert_matches_reference(loaded, reference)
+
+
+class DerivedModel(transformers.PreTrainedModel):
+    """Its _init_weights reads a buffer it does not write (``table``) to compute one it does."""
+
+    config_class = SinusoidalConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        table = torch.arange(config.positions * config.dim, dtype=torch.float32).reshape(config.positions, -1).sin()
+        self.register_buffer("table", table, persistent=False)
+        self.register_buffer("doubled", torch.zeros(config.positions, config.dim), persistent=False)
+        self.proj = torch.nn.Linear(config.dim, config.dim)
+        self.post_init()
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if module is self:
+            with torch.no_grad():
+                self.doubled.copy_(self.table * 2)
+
+
+def _counting_replays(monkeypatch):
+    from bufferfix.mechanism import recipes
+
+    replayed = []
+    original = recipes._replay_uncached
+    monkeypatch.setattr(recipes, "_replay_uncached", lambda recipe: replayed.append(recipe.cls) or original(recipe))
+    return replayed
+
+
+@pytest.mark.skipif(not TRANSFORMERS_5, reason="transformers 4.x keeps buffers real in from_pretrained")
+def test_init_weights_reading_a_buffer_sees_its_value(tmp_path, monkeypatch):
+    reference = _saved(tmp_path, lambda: DerivedModel(SinusoidalConfig()))
+    assert torch.equal(reference.doubled, reference.table * 2)
+    replayed = _counting_replays(monkeypatch)
+    loaded = DerivedModel.from_pretrained(tmp_path)
+    assert_matches_reference(loaded, reference)
+    assert replayed == [DerivedModel]  # for table, when _init_weights read it; doubled was left to it
+
+
+@pytest.mark.skipif(not TRANSFORMERS_5, reason="transformers 4.x keeps buffers real in from_pretrained")
+def test_init_weights_reading_a_buffer_is_broken_without_bufferfix(tmp_path, without_bufferfix):
+    reference = _saved(tmp_path, lambda: DerivedModel(SinusoidalConfig()))
+    loaded = DerivedModel.from_pretrained(tmp_path)
+    assert broken_buffers(loaded, reference) == ["doubled", "table"]
+
+
+@pytest.mark.skipif(not TRANSFORMERS_5, reason="transformers 4.x keeps buffers real in from_pretrained")
+def test_buffers_transformers_initialises_itself_cost_no_replay(tmp_path, monkeypatch):
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    reference = _saved(tmp_path, lambda: transformers.LlamaForCausalLM(config))
+    replayed = _counting_replays(monkeypatch)
+    loaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path)
+    assert_matches_reference(loaded, reference)
+    assert replayed == []  # LlamaRotaryEmbedding's buffers come from transformers' own _init_weights

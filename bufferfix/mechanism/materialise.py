@@ -20,6 +20,7 @@ import logging
 import weakref
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import errors
@@ -123,29 +124,48 @@ class Materialisation:
         return group
 
     # ------------------------------------------------------------------ after
-    def restore(self, device=None):
-        failures = []
+    def restore(self, device=None, defer_replays=False):
+        """Fill every buffer that needs a value.  With ``defer_replays``, values that only a
+        replay can give are held back and a :class:`DeferredRestore` is returned (or None)."""
+        failures, deferred = [], []
         with torch.no_grad():
             for group in self.groups.values():
                 target = self._reshare(group)
                 if not group.needs_value:
                     continue
-                value, how = self._value_for(group)
-                if value is None:
-                    failures.append((self._name(group), how))
+                if defer_replays and self._only_a_replay_can_fill(group, target):
+                    deferred.append((group, target))
                     continue
-                if logger.isEnabledFor(logging.DEBUG):
-                    logger.debug("bufferfix: %s: %s", self._name(group), how)
-                if target is None:  # a plain attribute only: it takes the recovered tensor itself
-                    moved = value.to(device if device is not None else value.device, copy=True)
-                    for module, name in group.attributes:
-                        module.__dict__[name] = moved
-                    continue
-                if tuple(value.shape) != tuple(target.shape):
-                    failures.append((self._name(group), "recovered value has shape %s but the materialised "
-                                     "buffer has shape %s" % (tuple(value.shape), tuple(target.shape))))
-                    continue
-                self._write(group, target, value)
+                self._fill(group, target, device, failures)
+        if deferred:
+            return DeferredRestore(self, deferred, failures)
+        self._finish(failures)
+        return None
+
+    @staticmethod
+    def _only_a_replay_can_fill(group, target):
+        return (target is not None and not target.is_meta and group.tensor.is_meta
+                and snapshots.recall(group.tensor) is None)
+
+    def _fill(self, group, target, device, failures):
+        value, how = self._value_for(group)
+        if value is None:
+            failures.append((self._name(group), how))
+            return
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("bufferfix: %s: %s", self._name(group), how)
+        if target is None:  # a plain attribute only: it takes the recovered tensor itself
+            moved = value.to(device if device is not None else value.device, copy=True)
+            for module, name in group.attributes:
+                module.__dict__[name] = moved
+            return
+        if tuple(value.shape) != tuple(target.shape):
+            failures.append((self._name(group), "recovered value has shape %s but the materialised "
+                             "buffer has shape %s" % (tuple(value.shape), tuple(target.shape))))
+            return
+        self._write(group, target, value)
+
+    def _finish(self, failures):
         if self.recurse:
             recipes.forget_all(self.modules)
         else:
@@ -245,6 +265,93 @@ class Materialisation:
                 report.append((self._name(group), group.tensor, how if value is not None else None,
                                None if value is not None else how))
         return report
+
+
+class DeferredRestore:
+    """Buffers whose value only a constructor replay can give, held back while a library's own
+    initialisation runs (transformers' ``_init_weights`` recomputes the buffers of its own
+    models, so replaying them too would be wasted work).
+
+    Inside :meth:`watching`, a buffer the initialisation overwrites whole (``copy_``,
+    ``fill_``, ``normal_``, ...) is left to it; a buffer it touches in any other way (reads it,
+    writes part of it, takes ``.data``) is filled first, so it never sees uninitialised memory.
+    :meth:`finish` fills whatever the initialisation did not overwrite.
+    """
+
+    def __init__(self, plan, pending, failures):
+        self.plan = plan
+        self.pending = {id(target): (group, target) for group, target in pending}
+        self.failures = failures
+
+    def watching(self):
+        return _FirstUse(self)
+
+    def fill(self, key):
+        group, target = self.pending.pop(key)
+        with torch.no_grad():
+            self.plan._fill(group, target, None, self.failures)
+
+    def left_to_the_library(self, key):
+        self.pending.pop(key)
+
+    def finish(self):
+        for key, (group, target) in list(self.pending.items()):
+            module, name = group.buffers[0]
+            if module._buffers.get(name) is target:  # replaced by the initialisation: its value stands
+                self.fill(key)
+        self.pending.clear()
+        self.plan._finish(self.failures)
+
+
+def _overwriting_functions():
+    """Functions that overwrite every element of their first argument without reading it."""
+    tensor_methods = ("copy_", "fill_", "zero_", "normal_", "uniform_")
+    init_functions = ("normal_", "uniform_", "trunc_normal_", "zeros_", "ones_", "constant_")
+    return frozenset([getattr(torch.Tensor, name) for name in tensor_methods]
+                     + [getattr(torch.nn.init, name) for name in init_functions if hasattr(torch.nn.init, name)])
+
+
+def _metadata_functions():
+    """Functions on a tensor that do not look at its values."""
+    properties = ("shape", "dtype", "device", "is_meta", "ndim", "requires_grad", "layout", "is_cuda", "is_leaf",
+                  "grad_fn", "names")
+    methods = ("size", "dim", "numel", "element_size", "stride", "is_contiguous", "__len__", "nelement",
+               "get_device", "is_floating_point", "is_complex")
+    return frozenset([getattr(torch.Tensor, name).__get__ for name in properties if hasattr(torch.Tensor, name)]
+                     + [getattr(torch.Tensor, name) for name in methods if hasattr(torch.Tensor, name)])
+
+
+_OVERWRITING = _overwriting_functions()
+_METADATA = _metadata_functions()
+
+
+class _FirstUse(TorchFunctionMode):
+    def __init__(self, deferred):
+        super().__init__()
+        self.deferred = deferred
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        pending = self.deferred.pending
+        if pending and func not in _METADATA:
+            for position, value in enumerate(_arguments(args, kwargs)):
+                if id(value) in pending:
+                    if position == 0 and func in _OVERWRITING:
+                        self.deferred.left_to_the_library(id(value))
+                    else:
+                        self.deferred.fill(id(value))
+        return func(*args, **kwargs)
+
+
+def _arguments(args, kwargs):
+    """Positional arguments first (position 0 is ``self`` for a tensor method), then the rest;
+    tensors inside lists and tuples too."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, (list, tuple)):
+            yield None  # keeps position 0 meaning "the first argument itself"
+            yield from value
+        else:
+            yield value
 
 
 # Modules materialised one at a time (FSDP1's param_init_fn), parents first: a parent keeps its
