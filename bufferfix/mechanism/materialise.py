@@ -15,6 +15,11 @@ meta, and which slots share one tensor.  After, it
 
 Values are copied into the materialised tensor, so it keeps the dtype and device
 the materialisation gave it (exactly what ``.to()`` would do to a normal build).
+
+When a library's own initialisation runs right after the materialisation
+(transformers' ``_init_weights``), values that need a replay can be held back
+until it has run (:class:`DeferredRestore`), so buffers it recomputes anyway cost
+no replay.
 """
 import logging
 import weakref
@@ -297,8 +302,9 @@ class DeferredRestore:
     def finish(self):
         for key, (group, target) in list(self.pending.items()):
             module, name = group.buffers[0]
-            if module._buffers.get(name) is target:  # replaced by the initialisation: its value stands
-                self.fill(key)
+            if module._buffers.get(name) is not target:
+                continue  # the initialisation registered a tensor of its own there: its value stands
+            self.fill(key)
         self.pending.clear()
         self.plan._finish(self.failures)
 

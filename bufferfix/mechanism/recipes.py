@@ -129,14 +129,12 @@ def meta_is_default_device():
     building it as a list (what torch.get_default_device() does, plus a tensor allocation).
     """
     global _last_device_context
-    for index in range(_function_mode_stack_length() - 1, -1, -1):
-        mode = _function_mode_at(index)
-        if isinstance(mode, DeviceContext):
-            if mode is not _last_device_context[0]:  # device.type builds a string: ask once per context
-                _last_device_context = (mode, mode.device.type == "meta")
-            return _last_device_context[1]
-    context = vars(torch._GLOBAL_DEVICE_CONTEXT).get("device_context")  # getattr's default raises inside
-    return context is not None and torch.device(context.device).type == "meta"
+    context = _device_context()
+    if context is None:
+        return False
+    if context is not _last_device_context[0]:  # device.type builds a string: ask once per context
+        _last_device_context = (context, torch.device(context.device).type == "meta")
+    return _last_device_context[1]
 
 
 def _device_context():
@@ -145,7 +143,7 @@ def _device_context():
         mode = _function_mode_at(index)
         if isinstance(mode, DeviceContext):
             return mode
-    return vars(torch._GLOBAL_DEVICE_CONTEXT).get("device_context")
+    return vars(torch._GLOBAL_DEVICE_CONTEXT).get("device_context")  # getattr's default raises inside
 
 
 _last_device_context = (None, False)
@@ -299,9 +297,10 @@ def _parent_of(module):
     module is recorded (FSDP1 materialises a thousand modules one by one: one index for all).
     """
     global _parent_index
-    if _parent_index is None:
-        # Every module reachable from a recorded one: containers (ModuleList, ...) are not recorded.
-        _parent_index, visited = {}, set()
+    index = _parent_index
+    if index is None:
+        # Every module reachable from a recorded one: torch.nn's leaf classes are not recorded.
+        index, visited = {}, set()
         pending = [entry[0]() for entry in list(_recorded.values())]
         while pending:
             parent = pending.pop()
@@ -311,9 +310,10 @@ def _parent_of(module):
             parent_ref = weakref.ref(parent)
             for attribute, child in parent._modules.items():
                 if child is not None:
-                    _parent_index[id(child)] = (parent_ref, attribute)
+                    index[id(child)] = (parent_ref, attribute)
                     pending.append(child)
-    entry = _parent_index.get(id(module))
+        _parent_index = index
+    entry = index.get(id(module))
     if entry is None:
         return None
     parent = entry[0]()
