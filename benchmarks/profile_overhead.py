@@ -6,9 +6,9 @@ In one process, the same work is timed with bufferfix disabled, fully enabled, a
 one piece switched off at a time, alternating round by round; the difference to "enabled" is
 what that piece costs.  Then the per-call cost of each bufferfix hook is timed directly.
 Pieces: the nn.Module.__new__ recording (``recipes.record_construction``, ``meta_is_default_device``),
-the global module-registration hook (``_record_parent``) and parameter-registration hook
-(``parameters_to_meta``), and, at materialisation, ``Materialisation.__init__`` (plan),
-``restore`` (of which ``recipes.forget`` and constructor replay).
+the global parameter-registration hook (``parameters_to_meta``), and, at materialisation,
+``Materialisation.__init__`` (plan), ``restore`` (of which ``recipes.forget_all`` and constructor
+replay).
 """
 import argparse
 import contextlib
@@ -25,7 +25,6 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import bench_models  # noqa: E402
-from bufferfix.integrations import torch_nn  # noqa: E402
 from bufferfix.mechanism import materialise, recipes  # noqa: E402
 
 
@@ -40,11 +39,10 @@ def patched(obj, name, value):
 
 
 @contextlib.contextmanager
-def without_registration_hooks(which):
-    """Remove bufferfix's global module (``which='module'``) or parameter registration hook."""
-    registry = (nn.modules.module._global_module_registration_hooks if which == "module"
-                else nn.modules.module._global_parameter_registration_hooks)
-    target = torch_nn._record_parent if which == "module" else recipes.parameters_to_meta
+def without_parameter_hook():
+    """Remove bufferfix's global parameter-registration hook."""
+    registry = nn.modules.module._global_parameter_registration_hooks
+    target = recipes.parameters_to_meta
     removed = {key: hook for key, hook in registry.items() if hook is target}
     for key in removed:
         del registry[key]
@@ -68,8 +66,7 @@ VARIANTS = {
     "enabled": contextlib.nullcontext,
     "enabled, record_construction no-op": lambda: patched(recipes, "record_construction", lambda *a, **k: None),
     "enabled, meta_is_default_device() -> False": lambda: patched(recipes, "meta_is_default_device", lambda: False),
-    "enabled, no module-registration hook": lambda: without_registration_hooks("module"),
-    "enabled, no parameter-registration hook": lambda: without_registration_hooks("parameter"),
+    "enabled, no parameter-registration hook": without_parameter_hook,
 }
 
 
@@ -154,18 +151,11 @@ def main(argv=None):
                 lambda: recipes.record_construction(dummy, nn.Module, (config,), {}),
             "record_construction(cls, (config, layer_idx), {})":
                 lambda: recipes.record_construction(dummy, nn.Module, (config, layer_idx), {}),
-            "Recipe(cls, (config,), {}, dtype)  [a new recipe: copies vars(config)]":
-                lambda: recipes.Recipe(nn.Module, (config,), {}, torch.float32),
-            "Recipe.arguments_unchanged()  [config argument]":
-                (lambda recipe: lambda: recipe.arguments_unchanged())(recipes.Recipe(nn.Module, (config,), {},
-                                                                                     torch.float32)),
-            "_recipe_key_part((config, 3))": lambda: recipes._recipe_key_part((config, 3)),
-            "_refusal((config, 3), {})": lambda: recipes._refusal((config, 3), {}),
-            "_has_state(config)  [older bufferfix]": lambda: recipes._has_state(config),
+            "_argument_states((config, 3), {})  [copies vars(config)]":
+                lambda: recipes._argument_states((config, 3), {}),
+            "_recipe_key_part((config, 3))  [at first use only]": lambda: recipes._recipe_key_part((config, 3)),
             "_state_of(config)": lambda: recipes._state_of(config),
             "vars(config) (transformers __getattribute__)": lambda: vars(config),
-            "torch_nn._record_parent(parent, 'x', child)":
-                (lambda parent, child: lambda: torch_nn._record_parent(parent, "x", child))(nn.Module(), nn.Module()),
             "nn.Linear(64, 64) on meta, enabled": lambda: nn.Linear(64, 64),
         }
         for name, function in rows.items():
@@ -210,7 +200,6 @@ def main(argv=None):
             "disabled": disabled,
             "enabled": contextlib.nullcontext,
             "enabled, meta_is_default_device() -> False": VARIANTS["enabled, meta_is_default_device() -> False"],
-            "enabled, no module-registration hook": VARIANTS["enabled, no module-registration hook"],
             "enabled, no parameter-registration hook": VARIANTS["enabled, no parameter-registration hook"],
             "enabled, transformers integration removed": no_transformers_wrapper,
         }
@@ -251,7 +240,7 @@ def main(argv=None):
     with patched(materialise.Materialisation, "__init__", timed("plan (Materialisation.__init__)",
                                                                 materialise.Materialisation.__init__)), \
             patched(materialise.Materialisation, "restore", timed("restore", materialise.Materialisation.restore)), \
-            patched(recipes, "forget", timed("  of which recipes.forget (all modules)", recipes.forget)), \
+            patched(recipes, "forget_all", timed("  of which recipes.forget_all", recipes.forget_all)), \
             patched(recipes, "_replay_uncached", timed("  of which replay (_replay_uncached)",
                                                        recipes._replay_uncached)), \
             patched(materialise, "_changed_after_construction",
@@ -259,7 +248,7 @@ def main(argv=None):
         for _ in range(args.rounds):
             to_empty()
     order = ["plan (Materialisation.__init__)", "restore", "  of which replay (_replay_uncached)",
-             "  of which recipes.forget (all modules)", "  of which _changed_after_construction"]
+             "  of which recipes.forget_all", "  of which _changed_after_construction"]
     for name in order:
         total = totals.get(name, 0.0)
         print("  %-55s %8.2f ms per to_empty  (%.1f us per module)" % (name, total / args.rounds * 1e3,

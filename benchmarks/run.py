@@ -50,14 +50,14 @@ ROOT = HERE.parent
 
 FULL = {
     "import_runs": 40, "startup_runs": 30,
-    "meta_build": {"spec": {"family": "llama", "preset": "llama70b", "dtype": "bfloat16"}, "reps": 15},
+    "meta_build": {"spec": {"family": "llama", "preset": "llama70b", "dtype": "bfloat16"}, "reps": 40},
     "load": {"spec": {"family": "llama", "preset": "llama1b", "dtype": "bfloat16"}, "reps": 15, "slow_reps": 3},
     "perlayer": {"spec": {"family": "perlayer", "preset": "perlayer", "dtype": "float32"}, "reps": 7},
     "scaling": {"llama": {"family": "llama", "preset": "llama1b", "dtype": "bfloat16"},
                 "perlayer": {"family": "perlayer", "preset": "perlayer", "dtype": "float32"},
                 "layers": [1, 2, 4, 8, 16, 32, 80], "hidden": [512, 2048, 8192], "hidden_layers": 4, "reps": 7},
-    "pretrained": {"spec": {"family": "llama", "preset": "small", "dtype": "float32"}, "reps": 25},
-    "pretrained_big": {"spec": {"family": "llama", "preset": "llama1b", "dtype": "bfloat16"}, "reps": 7},
+    "pretrained": {"spec": {"family": "llama", "preset": "small", "dtype": "float32"}, "reps": 60},
+    "pretrained_big": {"spec": {"family": "llama", "preset": "llama1b", "dtype": "bfloat16"}, "reps": 21},
     "forward": {"tokens": 64, "reps": 40},
 }
 QUICK = {
