@@ -94,6 +94,7 @@ if ENABLED:
     _original_init = _materialise.Materialisation.__init__
     _original_restore = _materialise.Materialisation.restore
     _original_forget = _recipes.forget
+    _original_forget_all = _recipes.forget_all
 
     def _timed_init(self, *args, **kwargs):
         start = time.perf_counter()
@@ -110,8 +111,8 @@ if ENABLED:
         finally:
             COUNTERS["restore_s"] += time.perf_counter() - start
 
-    def _forget_measuring_peak(module):
-        # The first forget() of a restore comes after every value was recovered and before any
+    def _measure_peak():
+        # The first forget of a restore comes after every value was recovered and before any
         # recipe (and so any replay cache) is let go: what bufferfix holds then is its peak.
         if _PEAK["armed"]:
             _PEAK["armed"] = False
@@ -120,11 +121,19 @@ if ENABLED:
             if snapshot_bytes + replay_bytes > _PEAK["bytes"]:
                 _PEAK.update(bytes=snapshot_bytes + replay_bytes, snapshot_bytes=snapshot_bytes,
                              replay_bytes=replay_bytes)
+
+    def _forget_measuring_peak(module):
+        _measure_peak()
         return _original_forget(module)
+
+    def _forget_all_measuring_peak(modules):
+        _measure_peak()
+        return _original_forget_all(modules)
 
     _materialise.Materialisation.__init__ = _timed_init
     _materialise.Materialisation.restore = _timed_restore
     _recipes.forget = _forget_measuring_peak
+    _recipes.forget_all = _forget_all_measuring_peak
 
 
 def _counters_since(before):
