@@ -415,7 +415,7 @@ def parameters_to_meta(module, name, param):
     """Global parameter-registration hook: during a replay, parameters go straight to meta (only
     the buffers are wanted, so no weight memory is touched).  It stays installed: adding it per
     replay would mutate torch's hook dict while another thread iterates it."""
-    if param is None or not replaying() or param.is_meta:
+    if not _local.replaying or param is None or param.is_meta:  # every parameter registered goes through here
         return None
     if type(param) is nn.Parameter:
         return nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
