@@ -29,7 +29,8 @@ Items (numbers follow GitHub issue 7):
 
 Options: --only 3,4 runs some items; --threads N sets torch threads in the workers (default 1:
 steadier under load); --reps-scale F multiplies repetition counts; --profile adds a cProfile
-of bufferfix's functions during the meta build.
+of bufferfix's functions during the meta build; --calibrate runs everything with bufferfix in
+neither worker (an A/A run: how far from 1.00 this machine's noise alone puts a ratio).
 """
 import argparse
 import json
