@@ -20,10 +20,15 @@ def contained(action, what):
         return None
 
 
-def materialising(call, model, recurse=True, device=None):
-    """Run ``call()``, which swaps ``model``'s tensors for empty ones; then restore the buffers."""
+def materialising(call, model, recurse=True, device=None, hold_replays=None):
+    """Run ``call()``, which swaps ``model``'s tensors for empty ones; then restore the buffers.
+    With ``hold_replays``, values only a replay can give are held back and handed to it as a
+    ``DeferredRestore`` (see the transformers integration)."""
     plan = contained(lambda: Materialisation(model, recurse), "planning buffer restoration")
     result = call()
     if plan is not None:
-        contained(lambda: plan.restore(device), "restoring non-persistent buffers")
+        deferred = contained(lambda: plan.restore(device, defer_replays=hold_replays is not None),
+                             "restoring non-persistent buffers")
+        if deferred is not None:
+            hold_replays(deferred)
     return result

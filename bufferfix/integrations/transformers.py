@@ -28,8 +28,7 @@ import threading
 
 import wrapt
 
-from ._patching import contained
-from ..mechanism.materialise import Materialisation
+from ._patching import contained, materialising
 
 logger = logging.getLogger("bufferfix")
 
@@ -49,13 +48,8 @@ def _pending():
 
 
 def _move_missing_keys_from_meta_to_device(wrapped, instance, args, kwargs):
-    plan = contained(lambda: Materialisation(instance), "planning buffer restoration")
-    result = wrapped(*args, **kwargs)
-    if plan is not None:
-        deferred = contained(lambda: plan.restore(defer_replays=_deferring), "restoring non-persistent buffers")
-        if deferred is not None:
-            _pending()[id(instance)] = deferred
-    return result
+    hold = (lambda deferred: _pending().__setitem__(id(instance), deferred)) if _deferring else None
+    return materialising(lambda: wrapped(*args, **kwargs), instance, hold_replays=hold)
 
 
 def _initialize_missing_keys(wrapped, instance, args, kwargs):
