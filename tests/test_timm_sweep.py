@@ -1,0 +1,129 @@
+"""Issue 14, timm: timm architectures through every meta flow and timm's own meta path.
+
+Each model is built normally as the reference (``torch.manual_seed(0)``) and then through every
+flow of ``tests/sweep_timm.py`` (bufferfix.flows.FLOWS, ``load_state_dict(assign=True)``,
+``timm.create_model(name, device="meta")`` -> ``to_empty`` -> load), with and without bufferfix;
+non-persistent buffers, plain tensor attributes, tensors in container attributes, sharing, the
+state dict and the outputs on an image must match bit for bit.
+
+CI runs a fixed subset, one model per kind of non-persistent buffer, made small with
+``create_model`` arguments (seconds, not minutes).  timm needs torchvision, which only installs
+beside the CUDA torch 2.14 here, so these tests run in the ``.ci/run`` leg that installs
+``.[test,test-timm]`` and skip elsewhere.  The full sweep (every architecture of
+``timm.list_models()`` up to 60M parameters, default arguments, hours on 2 cores)::
+
+    python -m pytest -m slow tests/test_timm_sweep.py
+    python tests/sweep_timm.py --report          # the same sweep as a script, with the summary
+"""
+import contextlib
+import functools
+import os
+
+import pytest
+
+timm = pytest.importorskip("timm")
+pytest.importorskip("accelerate")
+
+import sweep_timm  # noqa: E402
+
+# name -> (create_model arguments that make it small, what kind of buffer it covers)
+SUBSET = {
+    "swin_tiny_patch4_window7_224": (dict(embed_dim=32, depths=(2, 2), num_heads=(1, 2)),
+                                     "attn_mask computed on a parameter's device; relative_position_index"),
+    "swinv2_tiny_window8_256": (dict(embed_dim=32, depths=(2, 2), num_heads=(1, 2)),
+                                "Swin-V2 attn_mask on a parameter's device; log-spaced relative coords table"),
+    "swinv2_cr_tiny_224": (dict(embed_dim=32, depths=(2, 2), num_heads=(1, 2)),
+                           "Swin-V2-CR relative_coordinates_log and attn_mask on a parameter's device"),
+    "vit_small_patch16_rope_mixed_224": (dict(embed_dim=64, depth=2, num_heads=2),
+                                         "RotaryEmbeddingMixed t_x / t_y made on the learnable freqs' device"),
+    "eva02_tiny_patch14_224": (dict(depth=2), "EVA-02 rotary sin/cos table (RotaryEmbeddingCat)"),
+    "beit_base_patch16_224": (dict(embed_dim=64, depth=2, num_heads=2), "BEiT relative_position_index"),
+    "test_vit_relpos": ({}, "relative-position index buffers of vision_transformer_relpos"),
+    "test_maxvit": ({}, "MaxViT / CoAtNet relative-position bias index (maxxvit)"),
+    "levit_128s": ({}, "LeViT attention_bias_idxs (conv and subsample attention)"),
+    "resnetblur18": (dict(layers=(1, 1, 1, 1)), "BlurPool filter buffers"),
+}
+
+# Broken with bufferfix before replays could use real parameters and before init_empty_weights() /
+# device="meta" constructions were recorded; removed when that fix lands.
+_PARAMETER_DERIVED = {"swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256", "swinv2_cr_tiny_224",
+                      "vit_small_patch16_rope_mixed_224"}
+_BROKEN_BEFORE_THE_FIX = (
+    {(name, sweep_timm.TIMM_META) for name in SUBSET}
+    | {(name, flow) for name in _PARAMETER_DERIVED for flow in (
+        "init_empty_weights(include_buffers)", "torch.device('meta')", "to_empty(recurse=False)", sweep_timm.ASSIGN)}
+    | {("swin_tiny_patch4_window7_224", "init_empty_weights")})
+
+
+def _case(name, flow):
+    if (name, flow) in _BROKEN_BEFORE_THE_FIX:
+        return pytest.param(name, flow, marks=pytest.mark.xfail(strict=True, reason="issue 14: fix pending"))
+    return pytest.param(name, flow)
+
+
+@functools.lru_cache(maxsize=None)
+def checked(name):
+    return sweep_timm.check(name, model_kwargs=SUBSET[name][0])
+
+
+@pytest.mark.parametrize("name, flow", [_case(name, flow) for name in SUBSET for flow in sweep_timm.ALL_FLOWS])
+def test_subset_gives_the_reference(name, flow):
+    result = checked(name)
+    assert result.harness_error is None, result.harness_error
+    assert result.skipped is None, result.skipped
+    assert result.parameters < 10_000_000, "no longer small, CI would slow down"
+    assert result.inputs.startswith("compared"), result.inputs
+    ran = result.with_bufferfix[flow]
+    assert not ran.error or result.without_bufferfix[flow].error, ran.error  # raising both ways: n/a
+    assert result.problems(flow) == [], result.describe()
+    assert ran.warnings == [], "exact, so bufferfix must not warn"
+
+
+@pytest.mark.parametrize("name", SUBSET)
+def test_subset_is_broken_without_bufferfix(name):
+    """Each model of the subset earns its place: its buffers are lost without bufferfix, both in the
+    PyTorch-documented flow and in timm's own create_model(device="meta")."""
+    result = checked(name)
+    assert result.buffers
+    for flow in ("torch.device('meta')", sweep_timm.TIMM_META):
+        assert result.problems(flow, enabled=False), "%s is not broken without bufferfix in %s" % (name, flow)
+
+
+@pytest.mark.parametrize("name", SUBSET)
+def test_timm_reinit_non_persistent_buffers_is_the_normal_build_too(name):
+    """timm's manual fix (without bufferfix) gives the same values as the normal build, so the
+    reference bufferfix is held to is the one timm itself restores."""
+    result = checked(name)
+    assert result.timm_reinit_fixes(), result.describe(enabled=False)
+
+
+# --------------------------------------------------------------------------- the full sweep (slow)
+
+ARCHITECTURES = sweep_timm.architectures()
+
+
+@pytest.fixture(scope="module")
+def sweep_results(request):
+    """Collects every result of the full sweep; prints the summary (and writes JSON) at the end."""
+    results = []
+    yield results
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is not None and results:
+        with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+            reporter.line("")
+            reporter.write_sep("=", "timm sweep")
+            reporter.write_line(sweep_timm.summary(results))
+    if os.environ.get("BUFFERFIX_SWEEP_JSON") and results:
+        sweep_timm.write_json(os.environ["BUFFERFIX_SWEEP_JSON"], results)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_every_architecture(name, sweep_results):
+    result = sweep_timm.check(name, ARCHITECTURES[name])
+    sweep_results.append(result)
+    assert result.harness_error is None, result.harness_error
+    if result.skipped:
+        pytest.skip(result.skipped)
+    assert result.broken() == {}, result.describe()
