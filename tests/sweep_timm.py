@@ -70,6 +70,11 @@ TIMM_META = "timm create_model(device='meta')"
 TIMM_REINIT = "timm device='meta' + reinit_non_persistent_buffers"  # timm's own manual fix
 ALL_FLOWS = list(FLOWS) + [ASSIGN, TIMM_META]
 TIMM_FLOWS = ALL_FLOWS + [TIMM_REINIT]
+# A model whose normal build holds no non-persistent buffer, plain tensor attribute or tensor in a
+# container attribute has nothing a checkpoint lacks: the full sweep checks it in these two flows
+# only (with and without bufferfix; tensors and the state dict, no forward), to keep the sweep
+# within hours on 2 cores.
+QUICK_FLOWS = ["torch.device('meta')", TIMM_META]
 _TENSOR_KINDS = ("buffer", "attribute", "container", "sharing", "state")  # and "output"
 
 
@@ -78,6 +83,15 @@ _TENSOR_KINDS = ("buffer", "attribute", "container", "sharing", "state")  # and 
 def architectures():
     """{name: family} for every model entrypoint timm registers (``timm.list_models()``)."""
     return {name: family_of(name) for name in timm.list_models()}
+
+
+def interleaved(names, families):
+    """Round-robin over families (each in name order), so that a partial run covers every family."""
+    by_family = {}
+    for name in sorted(names):
+        by_family.setdefault(families[name], []).append(name)
+    queues = [by_family[family] for family in sorted(by_family)]
+    return [queue[i] for i in range(max(map(len, queues), default=0)) for queue in queues if i < len(queue)]
 
 
 def family_of(name):
@@ -355,16 +369,20 @@ def size_of(name, model_kwargs=None):
 
 
 def check(name, family=None, flows=None, time_limit_s=TIME_LIMIT_S, max_parameters=MAX_PARAMETERS,
-          model_kwargs=None):
+          model_kwargs=None, quick=True, with_bufferfix=True, without_bufferfix=True):
     """Build timm model ``name`` and run ``flows`` (default: all) with and without bufferfix.
-    ``model_kwargs`` go to ``timm.create_model`` (the full sweep passes none: default builds)."""
+    ``model_kwargs`` go to ``timm.create_model`` (the full sweep passes none: default builds).
+    ``quick``: a model with nothing unsaved runs :data:`QUICK_FLOWS` only.  ``with_bufferfix`` /
+    ``without_bufferfix``: which halves to run (a run of one half merges with an earlier run of
+    the other: ``--from-json``)."""
     result = Result(name, family or family_of(name))
     start, threads = time.perf_counter(), torch.get_num_threads()
     torch.set_num_threads(1)  # the machine is shared; tiny batches gain little from threads
     try:
         with time_limit(time_limit_s), uninitialised_memory_is_poisoned(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", module="timm")
-            _check(result, flows or TIMM_FLOWS, max_parameters, model_kwargs or {})
+            _check(result, flows or TIMM_FLOWS, max_parameters, model_kwargs or {}, quick, with_bufferfix,
+                   without_bufferfix)
     except _TimeLimit as exc:
         result.skipped = result.skipped or "over the time limit (%s)" % exc
     except Exception as exc:  # noqa: BLE001
@@ -376,7 +394,7 @@ def check(name, family=None, flows=None, time_limit_s=TIME_LIMIT_S, max_paramete
     return result
 
 
-def _check(result, flows, max_parameters, model_kwargs):
+def _check(result, flows, max_parameters, model_kwargs, quick, with_bufferfix, without_bufferfix):
     name = result.name
     try:
         result.parameters = size_of(name, model_kwargs)
@@ -393,33 +411,49 @@ def _check(result, flows, max_parameters, model_kwargs):
 
     with bufferfix_enabled(False):  # the reference owes nothing to bufferfix
         reference = build().eval()
-        second = build().eval()
     result.buffers = sorted(non_persistent_buffers(reference))
     result.attributes = sorted(tensor_attributes(reference))
     result.containers = sorted(container_tensors(reference))
-    unreproducible = {kind: names for kind, names in differences(second, reference).items() if names}
-    if unreproducible:
-        result.skipped = "two seeded normal builds differ, nothing to compare against: %s" % unreproducible
-        return
     inputs = expected = None
+    if quick and not result.has_unsaved:
+        # Nothing a checkpoint lacks: tensors and state dict compared in QUICK_FLOWS, no forward.
+        flows = [flow for flow in flows if flow in QUICK_FLOWS]
+        result.inputs = "not compared: nothing unsaved (quick check)"
+    else:
+        with bufferfix_enabled(False):
+            second = build().eval()
+        unreproducible = {kind: names for kind, names in differences(second, reference).items() if names}
+        if unreproducible:
+            result.skipped = "two seeded normal builds differ, nothing to compare against: %s" % unreproducible
+            return
+        inputs, expected = _reference_outputs(second, result)
+        del second
+    functions = flows_for(name, model_kwargs)
+    for flow in flows:
+        if with_bufferfix:
+            result.with_bufferfix[flow] = run_flow(flow, functions[flow], build, reference, inputs, expected)
+        if without_bufferfix:
+            with bufferfix_enabled(False):
+                result.without_bufferfix[flow] = run_flow(flow, functions[flow], build, reference, inputs, expected,
+                                                          lazy=flow != TIMM_REINIT)
+
+
+def _reference_outputs(model, result):
+    """(inputs, outputs) of a second normal build (a forward may cache tensors on modules, and the
+    reference must stay as built), or (None, None) with the reason in ``result.inputs``."""
     try:
-        inputs = generic_input(second)
-        expected = run_forward(second, inputs)
-        if not _same_outputs(expected, run_forward(second, inputs)):
-            result.inputs, inputs, expected = "not compared: the reference's outputs are not deterministic", None, None
-        else:
-            result.inputs = "compared on images %s" % (tuple(inputs.shape),)
+        inputs = generic_input(model)
+        expected = run_forward(model, inputs)
+        if not _same_outputs(expected, run_forward(model, inputs)):
+            result.inputs = "not compared: the reference's outputs are not deterministic"
+            return None, None
     except _TimeLimit:
         raise
     except Exception as exc:  # noqa: BLE001
-        result.inputs, inputs, expected = "not compared: the reference's forward raised " + _error(exc), None, None
-    del second
-    functions = flows_for(name, model_kwargs)
-    for flow in flows:
-        result.with_bufferfix[flow] = run_flow(flow, functions[flow], build, reference, inputs, expected)
-        with bufferfix_enabled(False):
-            result.without_bufferfix[flow] = run_flow(flow, functions[flow], build, reference, inputs, expected,
-                                                      lazy=flow != TIMM_REINIT)
+        result.inputs = "not compared: the reference's forward raised " + _error(exc)
+        return None, None
+    result.inputs = "compared on images %s" % (tuple(inputs.shape),)
+    return inputs, expected
 
 
 # --------------------------------------------------------------------------- report
@@ -461,14 +495,16 @@ def summary(results):
         "timm's reinit_non_persistent_buffers, alone: fixes %d of the %d broken in %r"
         % (len(reinit_fixed), len(reinit_ran), TIMM_META),
         "outputs compared: %d" % len([r for r in built if r.inputs and r.inputs.startswith("compared")]),
+        "nothing unsaved, so checked in %s only: %d" % (" and ".join(QUICK_FLOWS), len(
+            [r for r in built if set(r.with_bufferfix) == set(QUICK_FLOWS)])),
         "",
         "broken without bufferfix, per flow: " + ", ".join(
             "%s %d" % (flow, sum(1 for r in built if r.problems(flow, enabled=False))) for flow in ALL_FLOWS),
         "broken with bufferfix, per flow:    " + ", ".join(
             "%s %d" % (flow, sum(1 for r in built if r.problems(flow, enabled=True))) for flow in ALL_FLOWS),
         "flow raises with and without bufferfix (does not apply, not counted): " + ", ".join(
-            "%s %d" % (flow, sum(1 for r in built if flow in r.with_bufferfix and r.with_bufferfix[flow].error
-                                 and r.without_bufferfix[flow].error)) for flow in ALL_FLOWS),
+            "%s %d" % (flow, sum(1 for r in built if all(getattr(half.get(flow), "error", None) for half in (
+                r.with_bufferfix, r.without_bufferfix)))) for flow in ALL_FLOWS),
         "",
         "per family: architectures / built / with buffers / broken without / broken with / timm reinit fixes",
     ]
@@ -499,6 +535,21 @@ def summary(results):
     return "\n".join(lines)
 
 
+def merged(paths):
+    """Results of several --json runs, by name: a later run wins, half by half (a run with bufferfix
+    only keeps an earlier run's results without bufferfix)."""
+    results = {}
+    for path in paths:
+        with open(path) as f:
+            for d in json.load(f)["results"]:
+                new, old = Result.from_json(d), results.get(d["name"])
+                if old is not None and not new.skipped and not new.harness_error:
+                    new.with_bufferfix = new.with_bufferfix or old.with_bufferfix
+                    new.without_bufferfix = new.without_bufferfix or old.without_bufferfix
+                results[d["name"]] = new
+    return list(results.values())
+
+
 def write_json(path, results):
     with open(path, "w") as f:
         json.dump({"timm": timm.__version__, "torch": torch.__version__,
@@ -512,27 +563,24 @@ def main(argv=None):
     parser.add_argument("--from-json", nargs="+", help="only print the summary of earlier --json runs")
     parser.add_argument("--family", action="append", help="only the architectures of this timm.models module")
     parser.add_argument("--shard", help="K/N: only every N-th architecture, starting at the K-th (0-based)")
+    parser.add_argument("--only", choices=("with", "without"), help="run only the flows with / without bufferfix")
     parser.add_argument("names", nargs="*", help="only these (default: all)")
     args = parser.parse_args(argv)
     if args.from_json:
-        results = {}
-        for path in args.from_json:
-            with open(path) as f:
-                results.update((d["name"], Result.from_json(d)) for d in json.load(f)["results"])
-        print(summary(list(results.values())))
+        print(summary(merged(args.from_json)))
         return 0
     if not args.report:
         parser.print_help()
         return 2
     known = architectures()
-    names = args.names or [n for n in sorted(known, key=lambda n: (known[n], n))
-                           if not args.family or known[n] in args.family]
+    names = args.names or interleaved([n for n in known if not args.family or known[n] in args.family], known)
     if args.shard:
         k, n = map(int, args.shard.split("/"))
         names = names[k::n]
     results = []
     for name in names:
-        result = check(name, known.get(name))
+        result = check(name, known.get(name), with_bufferfix=args.only != "without",
+                       without_bufferfix=args.only != "with")
         results.append(result)
         state = ("HARNESS ERROR: " + result.harness_error if result.harness_error
                  else "skipped: " + result.skipped if result.skipped
