@@ -365,3 +365,45 @@ def main(library, cases, argv=None):
     print(summary(library, results))
     sys.stdout.flush()
     return 0
+
+
+# --------------------------------------------------------------------------- the CI subsets
+
+def subset(cases, names):
+    """The cases named in ``names`` (a CI subset), failing loudly when one no longer exists."""
+    by_name = {case.name: case for case in cases}
+    missing = sorted(set(names) - set(by_name))
+    assert not missing, "subset cases no longer in the sweep: %s" % missing
+    return {name: by_name[name] for name in names}
+
+
+def assert_exact_with_bufferfix(result):
+    assert result.harness_error is None, result.harness_error
+    assert result.skipped is None, result.skipped
+    assert result.with_bufferfix.keys() == set(result.flows)
+    assert result.broken() == {}, result.describe()
+    assert all(not result.warned(flow) for flow in result.flows), "exact, yet warned (a false alarm): %s" % {
+        flow: result.with_bufferfix[flow].warnings for flow in result.flows if result.warned(flow)}
+
+
+def assert_broken_without_bufferfix(result):
+    assert has_unsaved(result), "nothing to lose: the case tests nothing"
+    assert result.broken(enabled=False), "%s is not broken without bufferfix" % result.model_type
+
+
+def assert_exact_or_named(result):
+    """The acceptance of the full sweeps: every flow gives the reference, or each one that does not
+    names what it lost in a bufferfix warning (never silently wrong)."""
+    assert result.harness_error is None, result.harness_error
+    silent = {flow: problems for flow, problems in result.broken().items() if not result.warned(flow)}
+    assert silent == {}, result.describe()
+
+
+def params(names, xfail=None):
+    """``names`` as pytest params; those in ``xfail`` ({name: reason}) strictly expected to fail
+    (only until the fix for them lands)."""
+    import pytest
+
+    xfail = xfail or {}
+    return [pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=xfail[name])) if name in xfail
+            else name for name in names]
