@@ -11,8 +11,8 @@ environment.  A .pth file is not package data, so two commands are extended to s
 
 The file's single line runs at every interpreter start-up, so it must stay cheap: with
 ``BUFFERFIX_AUTO`` unset (or a false value) it reads one environment variable and imports
-nothing.  Otherwise it loads ``bufferfix/_startup.py`` by path, without importing the
-``bufferfix`` package (whose import would import wrapt), and arms it.  Its name sorts after
+nothing.  Otherwise it imports ``_bufferfix_startup`` (standard library only, never the
+``bufferfix`` package, whose import would import wrapt) and arms it.  Its name sorts after
 setuptools' ``__editable__.*.pth``, which must run first for an editable install to be found.
 """
 import base64
@@ -22,38 +22,17 @@ import io
 import os
 import zipfile
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
 PTH_NAME = "bufferfix-startup.pth"
 
-# Runs only when the condition below holds: with BUFFERFIX_AUTO unset the line costs a dict lookup.
-# importlib.machinery, not importlib.util (which imports contextlib, collections...: ~2 ms).
-_PTH_CODE = """\
-try:
-    m = sys.modules.get("_bufferfix_startup")
-    if m is None:
-        from importlib.machinery import SourceFileLoader
-        s = None
-        for f in sys.meta_path:
-            s = getattr(f, "find_spec", None) and f.find_spec("bufferfix", None)
-            if s:
-                break
-        if not s or not s.submodule_search_locations:
-            raise ImportError("the bufferfix package is not importable")
-        p = os.path.join(list(s.submodule_search_locations)[0], "_startup.py")
-        m = type(sys)("_bufferfix_startup")
-        m.__file__ = p
-        SourceFileLoader(m.__name__, p).exec_module(m)
-        sys.modules[m.__name__] = m
-    m.install()
-except Exception as e:
-    sys.stderr.write("bufferfix: BUFFERFIX_AUTO is set but the start-up hook failed (%s: %s); bufferfix is not active\\n" % (type(e).__name__, e))
-"""
-_PTH_CONDITION = ('not sys.flags.ignore_environment and os.environ.get("BUFFERFIX_AUTO", "").strip().lower() '
-                  'not in ("", "0", "false", "no", "off")')
-# site.py executes a .pth line only if it starts with "import"; the whole hook must be one line.
-PTH_CONTENT = "import os, sys; %s and exec(%r)\n" % (_PTH_CONDITION, _PTH_CODE)
+# site.py executes a .pth line only if it starts with "import"; with BUFFERFIX_AUTO unset or false
+# the line costs one environment lookup.  _bufferfix_startup is bufferfix/activation/startup,
+# installed top-level (setup.cfg) so that it is imported without the bufferfix package; it
+# contains its own failures.
+PTH_CONTENT = ('import os, sys; not sys.flags.ignore_environment and os.environ.get("BUFFERFIX_AUTO", "").strip().lower() '
+               'not in ("", "0", "false", "no", "off") and __import__("_bufferfix_startup").install()\n')
 
 
 class build_py_with_pth(build_py):
@@ -118,4 +97,8 @@ if editable_wheel is not None:
 
     cmdclass["editable_wheel"] = editable_wheel_with_pth
 
-setup(cmdclass=cmdclass)
+# bufferfix/activation/startup is installed as the top-level _bufferfix_startup (package_dir in
+# setup.cfg), so that start-up can import it without importing the bufferfix package.
+PACKAGES = find_packages(include=["bufferfix", "bufferfix.*"], exclude=["bufferfix.activation.startup"])
+
+setup(cmdclass=cmdclass, packages=PACKAGES + ["_bufferfix_startup"])

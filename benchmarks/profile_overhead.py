@@ -25,7 +25,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import bench_models  # noqa: E402
-from bufferfix.mechanism import materialise, recipes  # noqa: E402
+from bufferfix.mechanism import recipes, recording, sources  # noqa: E402
+from bufferfix.mechanism import restore as materialise  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -52,20 +53,11 @@ def without_parameter_hook():
         registry.update(removed)
 
 
-@contextlib.contextmanager
-def disabled():
-    bufferfix.disable()
-    try:
-        yield
-    finally:
-        bufferfix.enable()
-
-
 VARIANTS = {
-    "disabled": disabled,
+    "disabled": bufferfix.disabled,
     "enabled": contextlib.nullcontext,
-    "enabled, record_construction no-op": lambda: patched(recipes, "record_construction", lambda *a, **k: None),
-    "enabled, meta_is_default_device() -> False": lambda: patched(recipes, "meta_is_default_device", lambda: False),
+    "enabled, record_construction no-op": lambda: patched(recording, "record_construction", lambda *a, **k: None),
+    "enabled, meta_is_default_device() -> False": lambda: patched(recording, "meta_is_default_device", lambda: False),
     "enabled, no parameter-registration hook": without_parameter_hook,
 }
 
@@ -144,15 +136,15 @@ def main(argv=None):
         dummy = object.__new__(nn.Linear)
         layer_idx = 3
         rows = {
-            "meta_is_default_device()": lambda: recipes.meta_is_default_device(),
+            "meta_is_default_device()": lambda: recording.meta_is_default_device(),
             "record_construction(Linear, (2048, 2048), {bias: False})":
-                lambda: recipes.record_construction(dummy, nn.Linear, (2048, 2048), {"bias": False}),
+                lambda: recording.record_construction(dummy, nn.Linear, (2048, 2048), {"bias": False}),
             "record_construction(cls, (config,), {})  [interned hit]":
-                lambda: recipes.record_construction(dummy, nn.Module, (config,), {}),
+                lambda: recording.record_construction(dummy, nn.Module, (config,), {}),
             "record_construction(cls, (config, layer_idx), {})":
-                lambda: recipes.record_construction(dummy, nn.Module, (config, layer_idx), {}),
+                lambda: recording.record_construction(dummy, nn.Module, (config, layer_idx), {}),
             "_argument_states((config, 3), {})  [copies vars(config)]":
-                lambda: recipes._argument_states((config, 3), {}),
+                lambda: recipes.argument_states((config, 3), {}),
             "_recipe_key_part((config, 3))  [at first use only]": lambda: recipes._recipe_key_part((config, 3)),
             "_state_of(config)": lambda: recipes._state_of(config),
             "vars(config) (transformers __getattribute__)": lambda: vars(config),
@@ -240,11 +232,11 @@ def main(argv=None):
     with patched(materialise.Materialisation, "__init__", timed("plan (Materialisation.__init__)",
                                                                 materialise.Materialisation.__init__)), \
             patched(materialise.Materialisation, "restore", timed("restore", materialise.Materialisation.restore)), \
-            patched(recipes, "forget_all", timed("  of which recipes.forget_all", recipes.forget_all)), \
+            patched(recording, "forget_all", timed("  of which recipes.forget_all", recording.forget_all)), \
             patched(recipes, "_replay_uncached", timed("  of which replay (_replay_uncached)",
                                                        recipes._replay_uncached)), \
-            patched(materialise, "_changed_after_construction",
-                    timed("  of which _changed_after_construction", materialise._changed_after_construction)):
+            patched(sources, "_changed_after_construction",
+                    timed("  of which _changed_after_construction", sources._changed_after_construction)):
         for _ in range(args.rounds):
             to_empty()
     order = ["plan (Materialisation.__init__)", "restore", "  of which replay (_replay_uncached)",

@@ -73,12 +73,13 @@ def _live_replay_tensors():
 def _snapshot_tensors():
     from bufferfix.mechanism import snapshots
 
-    return list(snapshots._snapshots.values())
+    return snapshots.tensors()
 
 
 if ENABLED:
-    from bufferfix.mechanism import materialise as _materialise
     from bufferfix.mechanism import recipes as _recipes
+    from bufferfix.mechanism import recording as _recording
+    from bufferfix.mechanism import restore as _materialise
 
     _original_replay = _recipes._replay_uncached
 
@@ -93,8 +94,8 @@ if ENABLED:
 
     _original_init = _materialise.Materialisation.__init__
     _original_restore = _materialise.Materialisation.restore
-    _original_forget = _recipes.forget
-    _original_forget_all = _recipes.forget_all
+    _original_forget = _recording.forget
+    _original_forget_all = _recording.forget_all
 
     def _timed_init(self, *args, **kwargs):
         start = time.perf_counter()
@@ -132,8 +133,8 @@ if ENABLED:
 
     _materialise.Materialisation.__init__ = _timed_init
     _materialise.Materialisation.restore = _timed_restore
-    _recipes.forget = _forget_measuring_peak
-    _recipes.forget_all = _forget_all_measuring_peak
+    _recording.forget = _forget_measuring_peak
+    _recording.forget_all = _forget_all_measuring_peak
 
 
 def _counters_since(before):
@@ -141,32 +142,15 @@ def _counters_since(before):
 
 
 def side_table_census():
-    """Bytes (of real tensors) and entries bufferfix's side tables hold right now."""
+    """Bytes (of real tensors) and entries bufferfix's side tables hold right now (bufferfix.held())."""
     if not ENABLED:
         return {"bytes": 0, "entries": {}}
-    from bufferfix.mechanism import materialise, recipes, snapshots
-
     gc.collect()
-    cached = []
-    recorded = [entry[1] for entry in list(recipes._recorded.values()) if entry[0]() is not None]
-    held_recipes = [r for r in recorded if isinstance(r, recipes.Recipe)] + list(recipes._interned.values())
-    for recipe in held_recipes:
-        replayed = recipe._replayed
-        if isinstance(replayed, tuple):
-            cached.extend(_module_tensors(replayed[0]))
-    snapshot_values = list(snapshots._snapshots.values())
+    held = bufferfix.held()
     live_replays = [ref for ref in _REPLAYED if ref() is not None]
-    entries = {
-        "snapshots": len(snapshots._snapshots),
-        "recorded": len(recorded),
-        "interned": len(recipes._interned),
-        "parent_index": len(recipes._parent_index or ()),
-        "version_offsets": len(recipes._version_offsets),
-        "materialised": len(materialise._materialised),
-        "recipes_with_replay_cache": sum(isinstance(r._replayed, tuple) for r in held_recipes),
-        "replayed_modules_alive": len(live_replays),
-    }
-    total = _unique_tensor_bytes(snapshot_values + cached + list(_live_replay_tensors()))
+    entries = {"recipes": held.recipes, "snapshots": held.snapshots, "pending": held.pending,
+               "replayed_modules_alive": len(live_replays)}
+    total = max(held.bytes, _unique_tensor_bytes(_snapshot_tensors() + list(_live_replay_tensors())))
     return {"bytes": total, "entries": entries}
 
 
@@ -338,9 +322,7 @@ def task_meta_build(spec, warmup=False):
     elapsed = time.perf_counter() - start
     recorded = 0
     if ENABLED:
-        from bufferfix.mechanism import recipes
-
-        recorded = sum(entry[0]() is not None for entry in list(recipes._recorded.values()))
+        recorded = bufferfix.held().recipes
     counts = _module_counts(model)
     _drop(model)
     return {"seconds": elapsed, "recipes_recorded": recorded, **counts}

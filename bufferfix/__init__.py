@@ -3,12 +3,17 @@
 ``import bufferfix`` is all a program needs: torch is patched as soon as it is
 imported (now, if it already is), never imported by bufferfix itself.
 ``BUFFERFIX_DISABLE=1`` turns every form of activation off, this one included.
+
+Layout: ``activation/`` (switching on: import, start-up hook, launcher) ->
+``integrations/`` (one module per library) -> ``mechanism/`` (recording, recipes and
+replay, restore); ``tools/`` (the ``bufferfix`` command) beside them.
 """
-import importlib
+import dataclasses
 import logging
 import sys
+from typing import Callable, ContextManager, List, Optional, Type
 
-from . import _env
+from .activation import registry, settings
 from .errors import (
     BufferFixWarning,
     UnrecoverableBufferError,
@@ -17,84 +22,80 @@ from .errors import (
     set_strict,
 )
 
-__version__ = "0.1.0"
+from .mechanism.recovery import Attempt, Reason, Recovery, Source  # standard library only
+
+__version__ = "0.2.0"
 __all__ = [
-    "BufferFixWarning", "UnrecoverableBufferError", "UnrecoverableBufferWarning",
-    "disable", "enable", "is_enabled", "is_strict", "never_replay", "register_recompute", "set_strict",
+    "Attempt", "BufferFixWarning", "Held", "Reason", "Recovery", "Source", "UnrecoverableBufferError",
+    "UnrecoverableBufferWarning",
+    "disable", "disabled", "enable", "explain", "held", "is_enabled", "is_strict", "never_replay",
+    "register_recompute", "set_strict",
 ]
 
 logger = logging.getLogger("bufferfix")
-_env.configure_logging()  # BUFFERFIX_LOG_LEVEL
-_enabled = False
-_hooks_registered = False
-
-# library module -> the bufferfix integration that patches it, once that module is imported
-_INTEGRATIONS = {
-    "torch": "torch_nn",
-    "transformers.modeling_utils": "transformers",
-    "accelerate": "accelerate",
-}
+settings.configure_logging()  # BUFFERFIX_LOG_LEVEL
 
 
-def _post_import_hook(integration):
-    def instrument(module):
-        """Runs inside the user's import: it must never make that import fail."""
-        if not _enabled:
-            return
-        try:
-            importlib.import_module("bufferfix.integrations." + integration).instrument(module)
-        except Exception:  # noqa: BLE001
-            logger.exception("bufferfix: could not instrument %s; its buffers will not be restored", module.__name__)
-
-    return instrument
-
-
-def enable():
+def enable() -> bool:
     """Patch torch now if it is imported, else as soon as it is.  Returns whether bufferfix is on."""
-    global _enabled, _hooks_registered
-    if _env.flag(_env.DISABLE):
-        logger.info("bufferfix: %s is set; not patching anything", _env.DISABLE)
-        return False
-    _enabled = True
-    if not _hooks_registered:
-        import wrapt  # only now: it costs ~150 ms and a disabled bufferfix must not pay it
-
-        for module, integration in _INTEGRATIONS.items():  # runs at once for modules already imported
-            wrapt.register_post_import_hook(_post_import_hook(integration), module)
-        _hooks_registered = True
-    else:
-        for module, integration in _INTEGRATIONS.items():
-            if module in sys.modules:
-                _post_import_hook(integration)(sys.modules[module])
-    return True
+    return registry.enable()
 
 
-def disable():
+def disable() -> None:
     """Remove every patch bufferfix installed (recorded state is kept but unused)."""
-    global _enabled
-    _enabled = False
-    for integration in reversed(list(_INTEGRATIONS.values())):
-        patched = sys.modules.get("bufferfix.integrations." + integration)
-        if patched is not None:
-            patched.uninstrument()
+    registry.disable()
 
 
-def is_enabled():
-    return _enabled
+def disabled() -> ContextManager[None]:
+    """``with bufferfix.disabled():`` bufferfix off inside the block, back to its previous state after."""
+    return registry.disabled()
 
 
-def register_recompute(cls, fn=None):
-    """See :func:`bufferfix.mechanism.recipes.register_recompute` (imports torch)."""
-    from .mechanism import recipes
-
-    return recipes.register_recompute(cls, fn)
+def is_enabled() -> bool:
+    return registry.is_enabled()
 
 
-def never_replay(cls):
-    """See :func:`bufferfix.mechanism.recipes.never_replay` (imports torch)."""
-    from .mechanism import recipes
+def register_recompute(cls: Type, fn: Optional[Callable] = None):
+    """See :func:`bufferfix.mechanism.recompute.register_recompute`."""
+    from .mechanism import recompute
 
-    return recipes.never_replay(cls)
+    return recompute.register_recompute(cls, fn)
 
 
-enable()
+def never_replay(cls: Type) -> Type:
+    """See :func:`bufferfix.mechanism.recompute.never_replay`."""
+    from .mechanism import recompute
+
+    return recompute.never_replay(cls)
+
+
+def explain(model) -> List[Recovery]:
+    """How each non-persistent buffer (or plain tensor attribute) of ``model`` that needs a value
+    would be recovered if it were materialised now; changes nothing.  Imports torch."""
+    from .mechanism.restore import Materialisation
+
+    return Materialisation(model).explain()
+
+
+@dataclasses.dataclass(frozen=True)
+class Held:
+    """What bufferfix holds right now (for tests, benchmarks and leak hunting)."""
+
+    recipes: int  # live modules with a recorded constructor
+    snapshots: int  # real buffer values kept for a model moved to meta
+    pending: int  # materialised tensors still waiting for a value, and parents waiting for their children
+    bytes: int  # tensor memory held: snapshots and cached replays
+
+
+def held() -> Held:
+    """Count what bufferfix's side tables hold (dead entries swept first)."""
+    if "bufferfix.mechanism.recording" not in sys.modules:  # nothing recorded yet (maybe no torch at all)
+        return Held(0, 0, 0, 0)
+    from .mechanism import recording, restore, snapshots
+
+    return Held(recipes=recording.live_records(), snapshots=snapshots.count(),
+                pending=restore.unfilled_count() + recording.awaiting_count(),
+                bytes=snapshots.nbytes() + recording.replay_nbytes())
+
+
+registry.enable()

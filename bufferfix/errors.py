@@ -1,12 +1,13 @@
-"""What bufferfix tells users when a buffer cannot be brought back."""
-import logging
+"""bufferfix's warning and error classes, strict mode, and warnings attributed to the user's line.
+
+The words of a message are made in :mod:`bufferfix.reporting`; the classes carry the
+:class:`~bufferfix.mechanism.recovery.Recovery` values they are about as ``.recoveries``.
+"""
 import os
 import sys
 import warnings
 
-from . import _env
-
-logger = logging.getLogger("bufferfix")
+from .activation import settings
 
 
 class BufferFixWarning(UserWarning):
@@ -14,40 +15,34 @@ class BufferFixWarning(UserWarning):
 
 
 class UnrecoverableBufferWarning(BufferFixWarning):
-    """A non-persistent buffer was materialised but its value could not be recovered."""
+    """A non-persistent buffer was materialised but its value could not be recovered.
+
+    ``recoveries``: a tuple of :class:`~bufferfix.mechanism.recovery.Recovery`, one per buffer."""
+
+    def __init__(self, message, recoveries=()):
+        super().__init__(message)
+        self.recoveries = tuple(recoveries)
 
 
 class UnrecoverableBufferError(RuntimeError):
-    """Strict mode: raised instead of :class:`UnrecoverableBufferWarning`."""
+    """Strict mode: raised instead of :class:`UnrecoverableBufferWarning` (same ``recoveries``)."""
+
+    def __init__(self, message, recoveries=()):
+        super().__init__(message)
+        self.recoveries = tuple(recoveries)
 
 
 _strict = None  # None: follow BUFFERFIX_STRICT
 
 
-def set_strict(strict):
+def set_strict(strict: "bool | None") -> None:
     """``True``: unrecoverable buffers raise; ``False``: they warn; ``None``: follow the env var."""
     global _strict
     _strict = strict
 
 
-def is_strict():
-    return _env.flag(_env.STRICT) if _strict is None else bool(_strict)
-
-
-def report_unrecoverable(failures):
-    """Warn (or raise in strict mode) about ``[(qualified buffer name, reason), ...]``."""
-    if not failures:
-        return
-    lines = "\n".join("  - %s: %s" % (name, reason) for name, reason in failures)
-    message = (
-        "bufferfix could not recover %d non-persistent buffer(s) after materialisation; "
-        "they hold uninitialised memory:\n%s\n"
-        "Fix: build the model normally (not on meta), or register a recompute function "
-        "with bufferfix.register_recompute(ModuleClass, fn)." % (len(failures), lines)
-    )
-    if is_strict():
-        raise UnrecoverableBufferError(message)
-    warn(message, UnrecoverableBufferWarning)
+def is_strict() -> bool:
+    return settings.flag(settings.STRICT) if _strict is None else bool(_strict)
 
 
 _INTERNAL = (os.path.dirname(os.path.abspath(__file__)) + os.sep, os.sep + "wrapt" + os.sep,
@@ -55,7 +50,8 @@ _INTERNAL = (os.path.dirname(os.path.abspath(__file__)) + os.sep, os.sep + "wrap
 
 
 def warn(message, category=BufferFixWarning):
-    """``warnings.warn`` attributed to the user's line, not to bufferfix or wrapt internals."""
+    """``warnings.warn`` attributed to the user's line, not to bufferfix or wrapt internals.
+    ``message`` may be a warning instance (its class is then the category)."""
     level, frame = 2, sys._getframe(1)  # stacklevel 2 is our caller
     while frame is not None and any(part in frame.f_code.co_filename for part in _INTERNAL):
         level, frame = level + 1, frame.f_back

@@ -79,6 +79,6 @@ def test_importing_a_bufferfix_submodule_before_torch_still_patches_torch():
             importlib.import_module(%r)
             import torch
             from bufferfix.integrations import torch_nn
-            assert torch_nn._active
-            assert "to_empty" in torch_nn._wrappers
+            assert torch_nn.INTEGRATION.active
+            assert type(torch.nn.Module.__dict__["to_empty"]).__name__ == "FunctionWrapper"
         """ % submodule)

@@ -155,19 +155,19 @@ def test_torch_compile_of_a_fixed_model():
 
 
 def test_deepcopy_of_a_layer_built_on_meta_keeps_its_recipe_only_while_needed():
-    from bufferfix.mechanism import recipes
+    from bufferfix.mechanism import recording
 
     with torch.device("meta"):
         layer = Layer(8)
     clone = copy.deepcopy(layer)
-    assert recipes.recipe_of(clone.rotary) is recipes.recipe_of(layer.rotary) is not None
+    assert recording.recipe_of(clone.rotary) is recording.recipe_of(layer.rotary) is not None
     clone.to_empty(device="cpu")
-    assert recipes.recipe_of(clone.rotary) is None  # materialised: recipe (and its replay cache) let go
+    assert recording.recipe_of(clone.rotary) is None  # materialised: recipe (and its replay cache) let go
     assert torch.equal(clone.rotary.inv_freq, Layer(8).rotary.inv_freq)
 
 
 def test_module_by_module_materialisation_keeps_a_parent_recipe_only_until_its_subtree_is_done():
-    from bufferfix.mechanism import materialise, recipes
+    from bufferfix.mechanism import recording
     from models import OnTorchChildren
 
     with torch.device("meta"):
@@ -175,10 +175,10 @@ def test_module_by_module_materialisation_keeps_a_parent_recipe_only_until_its_s
     modules = list(model.modules())  # parents first, as FSDP1 calls param_init_fn
     for module in modules[:-1]:
         module.to_empty(device="cpu", recurse=False)
-    assert recipes.recipe_of(model) is not None  # the last child may still need the root's replay
+    assert recording.recipe_of(model) is not None  # the last child may still need the root's replay
     modules[-1].to_empty(device="cpu", recurse=False)
-    assert [recipes.recipe_of(module) for module in modules] == [None] * len(modules)
-    assert not materialise._awaiting
+    assert [recording.recipe_of(module) for module in modules] == [None] * len(modules)
+    assert recording.awaiting_count() == 0
     assert torch.equal(model.norm.offsets, torch.arange(4, dtype=torch.float32))
 
 

@@ -94,9 +94,9 @@ def test_registered_recompute_function_wins():
         assert torch.equal(model.projection, torch.ones(4, 4))
         assert torch.equal(model.steps, torch.arange(4.0))  # not covered by the function: replayed
     finally:
-        from bufferfix.mechanism import recipes
+        from bufferfix.mechanism import recompute
 
-        recipes._recompute_functions.pop(RandomProjection)
+        recompute.unregister_recompute(RandomProjection)
 
 
 def test_never_replay_is_reported():

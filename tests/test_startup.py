@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from bufferfix import _env
+from bufferfix.activation import settings as _env
 
 ROOT = Path(__file__).resolve().parent.parent
 PTH_NAME = "bufferfix-startup.pth"

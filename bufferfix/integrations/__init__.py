@@ -1,6 +1,9 @@
 """Integrations: where bufferfix hooks into torch and the libraries built on it.
 
-Each module has ``instrument()`` / ``uninstrument()``, both idempotent.
+One module per library, each defining ``INTEGRATION``, an instance of
+:class:`bufferfix.integrations.base.Integration`; ``bufferfix/activation/registry.py`` lists
+which module's import triggers which.  Adding a library is one file, one registry line and
+its tests.
 """
 
 # Importing torch here, before any integration module starts, matters when someone imports

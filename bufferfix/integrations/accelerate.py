@@ -12,10 +12,8 @@ binding that still holds accelerate's original is wrapped, and only those are un
 import logging
 import sys
 
-import wrapt
-
-from ._patching import contained
-from ..mechanism.materialise import materialise_meta_buffers
+from ..mechanism.restore import materialise_meta_buffers
+from .base import Integration, contained
 
 logger = logging.getLogger("bufferfix")
 
@@ -24,33 +22,29 @@ _FUNCTIONS = {  # function -> the modules that define or re-export it
     "load_checkpoint_in_model": ("accelerate.utils.modeling", "accelerate.utils", "accelerate.big_modeling",
                                  "accelerate"),
 }
-_handles = []  # (module, name, wrapt handle)
 
 
 def _materialise_meta_buffers_first(wrapped, instance, args, kwargs):
     model = args[0] if args else kwargs.get("model")
-    if model is not None:
+    if INTEGRATION.active and model is not None:
         contained(lambda: materialise_meta_buffers(model), "materialising meta buffers for accelerate")
     return wrapped(*args, **kwargs)
 
 
-def instrument(_accelerate=None):
-    if _handles:
-        return
-    for name, module_names in _FUNCTIONS.items():
-        original = getattr(sys.modules.get(module_names[0]), name, None)
-        if original is None:
-            logger.info("bufferfix: accelerate has no %s.%s; not patched", module_names[0], name)
-            continue
-        for module_name in module_names:
-            module = sys.modules.get(module_name)
-            if module is not None and getattr(module, name, None) is original:
-                _handles.append((module, name, wrapt.wrap_function_wrapper(module, name,
-                                                                            _materialise_meta_buffers_first)))
-    logger.debug("bufferfix: accelerate instrumented (%d bindings)", len(_handles))
+class Accelerate(Integration):
+    name = "accelerate"
+    target = "accelerate"
+
+    def _instrument(self, _accelerate):
+        for name, module_names in _FUNCTIONS.items():
+            defining = sys.modules.get(module_names[0])
+            if defining is None or not self.require(defining, name):
+                continue
+            original = getattr(defining, name)
+            for module_name in module_names:
+                module = sys.modules.get(module_name)
+                if module is not None and getattr(module, name, None) is original:
+                    self.wrap(module, name, _materialise_meta_buffers_first)
 
 
-def uninstrument():
-    while _handles:
-        module, name, handle = _handles.pop()
-        wrapt.unwrap_object(module, name, handle, missing_ok=True)
+INTEGRATION = Accelerate()

@@ -7,25 +7,20 @@
 * ``Module.__deepcopy__``: a deep copy keeps the recipes and snapshots of the original.
 * a global parameter-registration hook: during a replay, parameters go to meta.
 """
-import copy
 import logging
 import threading
 
 import torch
-import wrapt
 from torch import nn
 
-from ..mechanism import recipes, snapshots
-from ..mechanism.materialise import materialise_meta_buffers
-from ._patching import contained, materialising
+from ..mechanism import compat, recipes, recording, snapshots
+from ..mechanism.restore import materialise_meta_buffers
+from .base import Integration, Restoring, contained
 
 logger = logging.getLogger("bufferfix")
 
 _local = threading.local()
-_wrappers = {}  # attribute name -> wrapt handle
-_active = False
-_unrecorded_classes = frozenset()  # see recipes.torch_nn_own_classes
-_parameter_hook = []  # handle of the global parameter-registration hook (see recipes.parameters_to_meta)
+_unrecorded_classes = frozenset()  # see recording.torch_nn_own_classes
 
 
 def _device_of(device):
@@ -33,7 +28,7 @@ def _device_of(device):
 
 
 def _to_empty(wrapped, instance, args, kwargs):
-    if not _active or getattr(_local, "busy", False):
+    if not INTEGRATION.active or getattr(_local, "busy", False):
         return wrapped(*args, **kwargs)  # an override calling super().to_empty: the outer call handles it
     device = _device_of(kwargs.get("device"))
     recurse = kwargs.get("recurse", True)
@@ -41,17 +36,18 @@ def _to_empty(wrapped, instance, args, kwargs):
     try:
         if device is not None and device.type == "meta":
             return _moving_to_meta(wrapped, instance, args, kwargs, recurse)
-        return materialising(lambda: wrapped(*args, **kwargs), instance, recurse, device)
+        with Restoring(instance, recurse, device):
+            return wrapped(*args, **kwargs)
     finally:
         _local.busy = False
 
 
 def _to(wrapped, instance, args, kwargs):
     try:
-        device = torch._C._nn._parse_to(*args, **kwargs)[0]
+        device = compat.parse_to(*args, **kwargs)[0]
     except Exception:  # noqa: BLE001 - let the real call report bad arguments
         device = None
-    if not _active or device is None or device.type != "meta":
+    if not INTEGRATION.active or device is None or device.type != "meta":
         return wrapped(*args, **kwargs)
     return _moving_to_meta(wrapped, instance, args, kwargs)
 
@@ -59,10 +55,17 @@ def _to(wrapped, instance, args, kwargs):
 def _load_state_dict(wrapped, instance, args, kwargs):
     """``load_state_dict(assign=True)`` on a meta model (what torch.distributed.checkpoint does when
     it finds meta tensors) materialises parameters by assignment and never touches non-persistent
-    buffers: give those their values, on the device the loaded parameters landed on."""
-    result = wrapped(*args, **kwargs)
-    if _active and kwargs.get("assign", len(args) > 2 and args[2]) and not getattr(_local, "busy", False):
-        contained(lambda: _materialise_left_on_meta(instance), "materialising buffers after load_state_dict")
+    buffers: give those their values, on the device the loaded parameters landed on.  Also when
+    the load raised part of the way through: what it assigned keeps its place."""
+    if not (INTEGRATION.active and kwargs.get("assign", len(args) > 2 and args[2])) or getattr(_local, "busy", False):
+        return wrapped(*args, **kwargs)
+    try:
+        result = wrapped(*args, **kwargs)
+    except BaseException:
+        contained(lambda: _materialise_left_on_meta(instance), "materialising buffers after load_state_dict",
+                  user_error=True)
+        raise
+    contained(lambda: _materialise_left_on_meta(instance), "materialising buffers after load_state_dict")
     return result
 
 
@@ -74,19 +77,22 @@ def _materialise_left_on_meta(model):
 
 
 def _moving_to_meta(wrapped, instance, args, kwargs, recurse=True):
+    """Snapshot real non-persistent buffers before a move to meta; record them after it, also
+    when the move raised part of the way through (what it moved keeps its snapshot)."""
     move = contained(lambda: snapshots.MoveToMeta(instance, recurse), "snapshotting buffers")
-    result = wrapped(*args, **kwargs)
-    if move is not None:
-        contained(move.after, "snapshotting buffers")
-    return result
+    try:
+        return wrapped(*args, **kwargs)
+    finally:
+        if move is not None:
+            contained(move.after, "snapshotting buffers", user_error=True)
 
 
 def _recording_new(cls, *args, **kwargs):
     module = object.__new__(cls)
-    if _active and cls not in _unrecorded_classes:
+    if INTEGRATION.active and cls not in _unrecorded_classes:
         try:
-            if recipes.meta_is_default_device() and not recipes.replaying():
-                recipes.record_construction(module, cls, args, kwargs)
+            if recording.meta_is_default_device() and not recipes.replaying():
+                recording.record_construction(module, cls, args, kwargs)
         except Exception:  # noqa: BLE001 - never break construction
             logger.exception("bufferfix: could not record the construction of %s", cls.__qualname__)
     return module
@@ -100,10 +106,10 @@ def _deepcopy(self, memo):
     depth = getattr(_local, "deepcopy_depth", 0)
     _local.deepcopy_depth = depth + 1
     try:
-        duplicate = copy._reconstruct(self, memo, *reduced)
+        duplicate = compat.reconstruct(self, memo, *reduced)
     finally:
         _local.deepcopy_depth = depth
-    if depth == 0 and (recipes.has_any() or snapshots.has_any()):
+    if depth == 0 and (recording.has_any() or snapshots.has_any()):
         contained(lambda: _carry_over(self, memo), "following a deepcopy")
     return duplicate
 
@@ -113,7 +119,7 @@ def _carry_over(original, memo):
         duplicate = memo.get(id(module))
         if duplicate is None:
             continue
-        recipes.follow_copy(module, duplicate)
+        recording.follow_copy(module, duplicate)
         for name, tensor in module._buffers.items():
             copied = memo.get(id(tensor))
             if tensor is not None and copied is not None:
@@ -127,44 +133,40 @@ def _is_ours(candidate, name):
     return getattr(function, "__name__", None) == name and getattr(function, "__module__", None) == __name__
 
 
-def instrument(_torch=None):
-    global _active, _unrecorded_classes
-    if _active:
-        return
-    _unrecorded_classes = recipes.torch_nn_own_classes()
-    _wrappers["to_empty"] = wrapt.wrap_function_wrapper(nn.Module, "to_empty", _to_empty)
-    _wrappers["to"] = wrapt.wrap_function_wrapper(nn.Module, "to", _to)
-    _wrappers["load_state_dict"] = wrapt.wrap_function_wrapper(nn.Module, "load_state_dict", _load_state_dict)
-    current_new = nn.Module.__dict__.get("__new__")
-    if current_new is None or _is_ours(current_new, "_recording_new"):  # ours, maybe from before a reload
-        # CPython cannot take a __new__ back off a class once set (object.__new__ then rejects
-        # constructor arguments), so this pass-through stays for the life of the process and
-        # does nothing while bufferfix is disabled.
-        nn.Module.__new__ = staticmethod(_recording_new)
-    else:
-        logger.warning("bufferfix: nn.Module.__new__ is already %r; constructors built on meta will not be "
-                       "recorded, so their buffers cannot be recomputed", current_new)
-    if "__deepcopy__" not in nn.Module.__dict__ or _is_ours(nn.Module.__dict__["__deepcopy__"], "_deepcopy"):
-        nn.Module.__deepcopy__ = _deepcopy
-    _parameter_hook.append(nn.modules.module.register_module_parameter_registration_hook(recipes.parameters_to_meta))
-    _active = True
-    logger.debug("bufferfix: torch.nn.Module instrumented")
+class TorchNN(Integration):
+    name = "torch_nn"
+    target = "torch"
+    patches = "torch.nn.Module"
+
+    def __init__(self):
+        super().__init__()
+        self._parameter_hook = None  # the global parameter-registration hook (see recipes.parameters_to_meta)
+
+    def _instrument(self, module):
+        global _unrecorded_classes
+        _unrecorded_classes = recording.torch_nn_own_classes()
+        self.wrap(nn.Module, "to_empty", _to_empty)
+        self.wrap(nn.Module, "to", _to)
+        self.wrap(nn.Module, "load_state_dict", _load_state_dict)
+        current_new = nn.Module.__dict__.get("__new__")
+        if current_new is None or _is_ours(current_new, "_recording_new"):  # ours, maybe from before a reload
+            # CPython cannot take a __new__ back off a class once set (object.__new__ then rejects
+            # constructor arguments), so this pass-through stays for the life of the process and
+            # does nothing while bufferfix is disabled.
+            nn.Module.__new__ = staticmethod(_recording_new)
+        else:
+            logger.warning("bufferfix: nn.Module.__new__ is already %r; constructors built on meta will not be "
+                           "recorded, so their buffers cannot be recomputed", current_new)
+        if "__deepcopy__" not in nn.Module.__dict__ or _is_ours(nn.Module.__dict__["__deepcopy__"], "_deepcopy"):
+            nn.Module.__deepcopy__ = _deepcopy
+        self._parameter_hook = compat.register_parameter_hook(recipes.parameters_to_meta)
+
+    def _uninstrument(self):
+        if _is_ours(nn.Module.__dict__.get("__deepcopy__"), "_deepcopy"):
+            del nn.Module.__deepcopy__
+        if self._parameter_hook is not None:
+            self._parameter_hook.remove()
+            self._parameter_hook = None
 
 
-def uninstrument():
-    global _active
-    if not _active:
-        return
-    for name, handle in list(_wrappers.items()):
-        try:
-            wrapt.unwrap_object(nn.Module, name, handle, missing_ok=True)
-        except Exception as error:  # noqa: BLE001 - e.g. a non-wrapt wrapper installed on top of ours
-            # Our wrapper stays in the chain but passes straight through while _active is False.
-            logger.warning("bufferfix: left an inert wrapper on nn.Module.%s (%s)", name, error)
-        del _wrappers[name]
-    if _is_ours(nn.Module.__dict__.get("__deepcopy__"), "_deepcopy"):
-        del nn.Module.__deepcopy__
-    while _parameter_hook:
-        _parameter_hook.pop().remove()
-    _active = False
-    logger.debug("bufferfix: torch.nn.Module uninstrumented")
+INTEGRATION = TorchNN()

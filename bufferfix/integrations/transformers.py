@@ -26,18 +26,13 @@ without buffers), so it has no such entry point; its meta flows go through
 import logging
 import threading
 
-import wrapt
-
-from ._patching import contained, materialising
+from .base import Integration, Restoring, contained
 
 logger = logging.getLogger("bufferfix")
 
-_MODULE = "transformers.modeling_utils"
 _MOVE = "PreTrainedModel._move_missing_keys_from_meta_to_device"
 _INITIALISE = "PreTrainedModel._initialize_missing_keys"
 _FINALISE = "PreTrainedModel._finalize_model_loading"
-_handles = {}
-_deferring = False  # all three entry points exist
 _local = threading.local()  # id(model) -> DeferredRestore, for the load running in this thread
 
 
@@ -48,8 +43,14 @@ def _pending():
 
 
 def _move_missing_keys_from_meta_to_device(wrapped, instance, args, kwargs):
-    hold = (lambda deferred: _pending().__setitem__(id(instance), deferred)) if _deferring else None
-    return materialising(lambda: wrapped(*args, **kwargs), instance, hold_replays=hold)
+    if not INTEGRATION.active:
+        return wrapped(*args, **kwargs)
+    restoring = Restoring(instance, defer_replays=INTEGRATION.deferring)
+    with restoring:
+        result = wrapped(*args, **kwargs)
+    if restoring.deferred is not None:
+        _pending()[id(instance)] = restoring.deferred
+    return result
 
 
 def _initialize_missing_keys(wrapped, instance, args, kwargs):
@@ -57,12 +58,13 @@ def _initialize_missing_keys(wrapped, instance, args, kwargs):
     if deferred is None:
         return wrapped(*args, **kwargs)
     watching = contained(deferred.watching, "watching the initialisation")
-    if watching is None:
-        return wrapped(*args, **kwargs)
-    with watching:
-        result = wrapped(*args, **kwargs)
-    _finish(instance)
-    return result
+    try:
+        if watching is None:
+            return wrapped(*args, **kwargs)
+        with watching:
+            return wrapped(*args, **kwargs)
+    finally:  # also when _init_weights raised: nothing stays held back
+        _finish(instance)
 
 
 def _finalize_model_loading(wrapped, instance, args, kwargs):
@@ -81,29 +83,26 @@ def _finish(model):
         contained(deferred.finish, "restoring non-persistent buffers")
 
 
-def instrument(modeling_utils):
-    global _deferring
-    if _handles:
-        return
-    model_class = modeling_utils.PreTrainedModel
-    if not hasattr(model_class, "_move_missing_keys_from_meta_to_device"):
-        version = getattr(__import__("transformers"), "__version__", "?")
-        logger.info("bufferfix: transformers %s has no PreTrainedModel._move_missing_keys_from_meta_to_device; "
-                    "from_pretrained keeps buffers real there, nothing to patch", version)
-        return
-    _handles[_MOVE] = wrapt.wrap_function_wrapper(modeling_utils, _MOVE, _move_missing_keys_from_meta_to_device)
-    _deferring = all(hasattr(model_class, name.split(".")[1]) for name in (_INITIALISE, _FINALISE))
-    if _deferring:
-        _handles[_INITIALISE] = wrapt.wrap_function_wrapper(modeling_utils, _INITIALISE, _initialize_missing_keys)
-        _handles[_FINALISE] = wrapt.wrap_function_wrapper(modeling_utils, _FINALISE, _finalize_model_loading)
-    logger.debug("bufferfix: transformers instrumented (replays deferred past _init_weights: %s)", _deferring)
+class Transformers(Integration):
+    name = "transformers"
+    target = "transformers.modeling_utils"
+
+    def __init__(self):
+        super().__init__()
+        self.deferring = False  # all three entry points exist
+
+    def _instrument(self, modeling_utils):
+        if not self.require(modeling_utils, _MOVE):
+            return  # 4.x: from_pretrained keeps buffers real, nothing to patch
+        self.wrap(modeling_utils, _MOVE, _move_missing_keys_from_meta_to_device)
+        self.deferring = self.require(modeling_utils, _INITIALISE) and self.require(modeling_utils, _FINALISE)
+        if self.deferring:
+            self.wrap(modeling_utils, _INITIALISE, _initialize_missing_keys)
+            self.wrap(modeling_utils, _FINALISE, _finalize_model_loading)
+        logger.debug("bufferfix: transformers: replays deferred past _init_weights: %s", self.deferring)
+
+    def _uninstrument(self):
+        self.deferring = False
 
 
-def uninstrument():
-    global _deferring
-    import sys
-
-    for name, handle in list(_handles.items()):
-        wrapt.unwrap_object(sys.modules[_MODULE], name, handle, missing_ok=True)
-        del _handles[name]
-    _deferring = False
+INTEGRATION = Transformers()

@@ -1,4 +1,16 @@
-"""The mechanism: snapshot real values, record constructors, restore after materialisation.
+"""The mechanism: record constructors, snapshot real values, restore after materialisation.
+
+One module per concern, dependencies running down the list:
+
+* ``restore``: plan before a materialisation, fill after it (faults included);
+* ``deferral``: fills held back while a library's own initialisation runs;
+* ``sources``: where a value comes from (kept, snapshot, recompute function, replay);
+* ``recording``: which modules were built on meta, the module tree, record lifetimes;
+* ``recipes``: a constructor call, interned, and its replay on CPU;
+* ``snapshots``: real values kept when a model moves to meta;
+* ``recompute``: the user's recompute functions and never-replay classes;
+* ``recovery``: the :class:`~.recovery.Recovery` value all of it produces;
+* ``compat``: every torch private API used, in one place.
 
 Everything here needs torch; it is imported only once torch itself is imported.
 """

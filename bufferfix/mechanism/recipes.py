@@ -1,17 +1,15 @@
-"""Recompute: remember how meta-built modules were constructed, and re-run that on CPU.
+"""Recipes and replay: a meta-built module's constructor call, re-run on CPU when a buffer needs it.
 
 A buffer created while ``meta`` is the default device never held a value, so
 there is nothing to snapshot.  What we can keep is the constructor call that
-produced it: the class, the arguments, and the default dtype at the time.  At
-materialisation the constructor is re-run ("replayed") on CPU with its
-parameters sent straight to meta (so no weight memory is touched), and the
-non-persistent buffers are taken from the replayed module.
+produced it (see :mod:`.recording`): the class, the arguments, and the default
+dtype at the time.  At materialisation the constructor is re-run ("replayed") on
+CPU with its parameters sent straight to meta (so no weight memory is touched),
+and the non-persistent buffers are taken from the replayed module.
 
-Recipes live in a side table keyed weakly by module, never on the module, so
-pickling / ``torch.save`` / ``state_dict`` see nothing.  Identical recipes are
-interned (80 identical decoder layers share one recipe) and the replay result is
-cached on the recipe, so it is computed once and freed together with the recipe
-once every module that used it has been materialised.
+Identical recipes are interned (80 identical decoder layers share one recipe) and
+the replay result is cached on the recipe, so it is computed once and freed
+together with the recipe once every module that used it has been materialised.
 """
 import contextlib
 import copy
@@ -25,30 +23,29 @@ import weakref
 
 import torch
 from torch import nn
-from torch.utils._device import DeviceContext
-from torch.utils.weak import WeakIdKeyDictionary
+
+from . import compat, recompute
+from .recovery import Reason
+
 
 class _ThreadState(threading.local):
     replaying = False  # a class default: a missing thread-local attribute costs an exception
 
 
 _local = _ThreadState()
+_replay_lock = threading.RLock()
 
-# Every module constructed while meta is the default device (thousands for a 70B model) is
-# recorded, so recording must cost next to nothing: the raw call is kept, and turned into a
-# Recipe (interned, comparable) only if one of its buffers ever needs recomputing.
-_recorded = {}  # id(module) -> (weakref to the module, Recipe or raw construction tuple)
-_PRUNE_AT_LEAST = 4096
-_prune_at = _PRUNE_AT_LEAST
-_parent_index = None  # id(child) -> (weakref to parent, attribute), built when first asked for
-_version_offsets = WeakIdKeyDictionary()  # deep-copied meta tensor -> writes its original had seen
+_version_offsets = compat.WeakIdKeyDictionary()  # deep-copied meta tensor -> writes its original had seen
 _interned = weakref.WeakValueDictionary()  # recipe key -> Recipe
-_recompute_functions = {}  # class -> fn(module) -> {name: tensor}
-_never_replay = set()  # classes whose constructors must not be re-run
 
 
 class ReplayError(Exception):
-    """The recipe cannot produce the value a normal build would have; the message says why."""
+    """The recipe cannot produce the value a normal build would have: ``reason`` (a
+    :class:`~bufferfix.mechanism.recovery.Reason`) and ``detail`` say why."""
+
+    def __init__(self, reason, detail=""):
+        super().__init__(reason, detail)
+        self.reason, self.detail = reason, detail
 
 
 class Recipe:
@@ -68,8 +65,10 @@ class Recipe:
         self._replayed = None  # (module, randomised buffer names) or ReplayError
         self._replayed_on_meta = None  # a meta build, only to read version counters
 
-    def describe(self):
-        return "%s.%s(...)" % (self.cls.__module__, self.cls.__qualname__)
+    @property
+    def origin(self):
+        """``module.Class``: names the recipe in a :class:`~bufferfix.mechanism.recovery.Recovery`."""
+        return "%s.%s" % (self.cls.__module__, self.cls.__qualname__)
 
     def has_argument_states(self, states):
         """Were the arguments, attribute by attribute, the same objects as in ``states``?"""
@@ -116,39 +115,10 @@ def _same_attributes(current, recorded):
     return len(current) == len(recorded) and all(map(operator.is_, current.values(), recorded.values()))
 
 
-# --------------------------------------------------------------------------- recording
+# --------------------------------------------------------------------------- replay state
 
 def replaying():
     return _local.replaying
-
-
-def meta_is_default_device():
-    """Is ``meta`` the default device (``with torch.device("meta")``, set_default_device)?
-
-    Asked for every module constructed, so it walks the mode stack in place instead of
-    building it as a list (what torch.get_default_device() does, plus a tensor allocation).
-    """
-    global _last_device_context
-    context = _device_context()
-    if context is None:
-        return False
-    if context is not _last_device_context[0]:  # device.type builds a string: ask once per context
-        _last_device_context = (context, torch.device(context.device).type == "meta")
-    return _last_device_context[1]
-
-
-def _device_context():
-    """The DeviceContext that sets the default device, or None (the default device is CPU)."""
-    for index in range(_function_mode_stack_length() - 1, -1, -1):
-        mode = _function_mode_at(index)
-        if isinstance(mode, DeviceContext):
-            return mode
-    return vars(torch._GLOBAL_DEVICE_CONTEXT).get("device_context")  # getattr's default raises inside
-
-
-_last_device_context = (None, False)
-_function_mode_stack_length = torch._C._len_torch_function_stack
-_function_mode_at = torch._C._get_function_stack_at
 
 
 _VALUE_TYPE_SET = frozenset((int, float, complex, str, bytes, bool, type(None), torch.dtype, torch.device))
@@ -182,7 +152,7 @@ def _refusal(value):
     return None
 
 
-def _argument_states(args, kwargs):
+def argument_states(args, kwargs):
     """``((argument, copy of its attributes), ...)`` for argument objects (configs), or a refusal.
 
     Runs for every module recorded, hence the fast paths by exact type."""
@@ -202,62 +172,7 @@ def _argument_states(args, kwargs):
     return states
 
 
-def torch_nn_own_classes():
-    """torch.nn's own module classes (Linear, Embedding, LayerNorm, SiLU, ...), containers aside.
-
-    None of their constructors makes a non-persistent buffer or a plain tensor attribute
-    (tests/test_hygiene.py reads their sources to check), so their constructions are not
-    recorded: they are most of the modules of a model, and a buffer that a parent module puts
-    on one of them is recovered by replaying the parent.  Sequential / ModuleList / ModuleDict
-    are still recorded: the parent index walks down from recorded modules, and a container is
-    often the top of a model (``nn.Sequential(...)``) or between a model and its layers.
-    """
-    found, pending = set(), [nn.Module]
-    while pending:
-        for subclass in pending.pop().__subclasses__():
-            if subclass not in found:
-                found.add(subclass)
-                pending.append(subclass)
-    containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
-    return frozenset(cls for cls in found
-                     if cls.__module__.startswith("torch.nn.modules.") and not issubclass(cls, containers))
-
-
-def record_construction(module, cls, args, kwargs):
-    """Called from ``nn.Module.__new__`` while meta is the default device: keep the raw call."""
-    global _parent_index
-    states = _argument_states(args, kwargs)
-    if type(states) is str:  # refused: keep no arguments, they may hold the model itself alive
-        args, kwargs = (), {}
-    _recorded[id(module)] = (weakref.ref(module), (cls, args, kwargs, torch.get_default_dtype(), states))
-    _parent_index = None  # the module tree changed
-    if len(_recorded) > _prune_at:
-        _prune()
-
-
-def _prune():
-    """Entries are not removed when their module dies (a weakref callback per module costs more
-    than the whole record): sweep the dead ones whenever the table has doubled."""
-    global _prune_at
-    for key, (module_ref, _) in list(_recorded.items()):
-        if module_ref() is None:
-            del _recorded[key]
-    _prune_at = max(_PRUNE_AT_LEAST, 2 * len(_recorded))
-
-
-def recipe_of(module):
-    """The module's Recipe if it was built on meta (made from the raw record on first use)."""
-    entry = _recorded.get(id(module))
-    if entry is None or entry[0]() is not module:
-        return None
-    recipe = entry[1]
-    if type(recipe) is tuple:
-        recipe = _intern(*recipe)
-        _recorded[id(module)] = (entry[0], recipe)
-    return recipe
-
-
-def _intern(cls, args, kwargs, default_dtype, states):
+def intern(cls, args, kwargs, default_dtype, states):
     """One Recipe for identical constructor calls (80 decoder layers, one replay)."""
     if type(states) is str:
         return Recipe(cls, (), {}, default_dtype, refusal=states)
@@ -269,144 +184,23 @@ def _intern(cls, args, kwargs, default_dtype, states):
     return recipe
 
 
-def owners(module, name):
-    """``(module, name)``, then each ancestor with the name relative to it."""
-    yield module, name
-    seen = {id(module)}
-    while True:
-        parent = _parent_of(module)
-        if parent is None or id(parent[0]) in seen:
-            return
-        module, name = parent[0], parent[1] + "." + name
-        seen.add(id(module))
-        yield module, name
-
-
-def ancestors(module):
-    for owner, _ in owners(module, ""):
-        if owner is not module:
-            yield owner
-
-
-def _parent_of(module):
-    """``(parent, attribute)`` if ``module`` is a child of a module built on meta (or of a container
-    in one), else None.
-
-    Asked only when a module's own recipe is not enough or a module is materialised alone, so
-    the child -> parent index is built then, over every recorded module, and kept until the next
-    module is recorded (FSDP1 materialises a thousand modules one by one: one index for all).
-    """
-    global _parent_index
-    index = _parent_index
-    if index is None:
-        # Every module reachable from a recorded one: torch.nn's leaf classes are not recorded.
-        index, visited = {}, set()
-        pending = [entry[0]() for entry in list(_recorded.values())]
-        while pending:
-            parent = pending.pop()
-            if parent is None or id(parent) in visited:
-                continue
-            visited.add(id(parent))
-            parent_ref = weakref.ref(parent)
-            for attribute, child in parent._modules.items():
-                if child is not None:
-                    index[id(child)] = (parent_ref, attribute)
-                    pending.append(child)
-        _parent_index = index
-    entry = index.get(id(module))
-    if entry is None:
-        return None
-    parent = entry[0]()
-    # The tree may have changed since (a child replaced, a wrapper inserted): only a live link counts.
-    if parent is None or parent._modules.get(entry[1]) is not module:
-        return None
-    return parent, entry[1]
-
-
-def recorded_path(module):
-    """The dotted path of ``module`` below its outermost ancestor built on meta ('' if none):
-    names modules in messages when they are materialised one by one (FSDP1's param_init_fn)."""
-    names = []
-    for _, relative in owners(module, ""):
-        names = relative.rstrip(".").split(".") if relative.rstrip(".") else []
-    return ".".join(names)
-
-
-def forget(module):
-    """A materialised module no longer needs its recipe (lets the replay cache go).  The parent
-    index keeps its weak link: modules materialised one by one after it still need the chain to
-    name themselves."""
-    # An entry under a live module's id is its own, or a dead module's whose id was reused: both go.
-    _recorded.pop(id(module), None)
-
-
-def forget_all(modules):
-    if _recorded:
-        for module in modules:
-            _recorded.pop(id(module), None)
-
-
-def follow_copy(original, copy):
-    """``copy.deepcopy`` of a meta-built module keeps its recipe."""
-    global _parent_index
-    entry = _recorded.get(id(original))
-    if entry is not None and entry[0]() is original:
-        _recorded[id(copy)] = (weakref.ref(copy), entry[1])
-        _parent_index = None
-
-
 def follow_tensor_copy(original, copy):
     """A deep copy starts with a fresh version counter; carry the writes the original had seen, so
     that "written in place after construction" stays detectable (see version_at_construction)."""
-    offset = effective_version(original) - _raw_version(copy)
+    offset = effective_version(original) - raw_version(copy)
     if offset:
         _version_offsets[copy] = offset
 
 
 def effective_version(tensor):
-    return _raw_version(tensor) + _version_offsets.get(tensor, 0)
+    return raw_version(tensor) + _version_offsets.get(tensor, 0)
 
 
-def _raw_version(tensor):
+def raw_version(tensor):
     try:
         return tensor._version
     except RuntimeError:  # inference tensors have no version counter
         return 0
-
-
-def has_any():
-    return bool(_recorded)
-
-
-# --------------------------------------------------------------------------- user recipes
-
-def register_recompute(cls, fn=None):
-    """Register ``fn(module) -> {buffer name: tensor}`` computing ``cls``'s non-persistent buffers.
-
-    ``fn`` receives the materialised module and may return values on any device
-    and dtype; bufferfix moves and casts them to the materialised buffer.  It
-    wins over constructor replay, for ``cls`` and its subclasses.  Usable as a
-    decorator: ``@bufferfix.register_recompute(MyRotary)``.
-    """
-    if fn is None:
-        return lambda function: register_recompute(cls, function)
-    _recompute_functions[cls] = fn
-    return fn
-
-
-def never_replay(cls):
-    """Never re-run ``cls``'s constructor (e.g. it has side effects); its buffers are then reported
-    as unrecoverable unless a recompute function is registered."""
-    _never_replay.add(cls)
-    return cls
-
-
-def registered_recompute(cls):
-    for klass in cls.__mro__:
-        fn = _recompute_functions.get(klass)
-        if fn is not None:
-            return fn
-    return None
 
 
 # --------------------------------------------------------------------------- replay
@@ -437,7 +231,7 @@ def _isolated(default_dtype, device="cpu"):
     _local.replaying = True
     # A device context sends every torch call through Python (~50 us per replay): skip it when
     # the default device is already the one wanted.
-    context = _device_context()
+    context = compat.device_context()
     on_device = contextlib.nullcontext() if device == "cpu" and context is None else torch.device(device)
     try:
         with torch.random.fork_rng(devices=[]), on_device:
@@ -498,7 +292,13 @@ def replay(recipe):
     came from the random number generator.  Raises :class:`ReplayError`."""
     cached = recipe._replayed
     if cached is None:
-        cached = recipe._replayed = _replay_uncached(recipe)
+        with _replay_lock:  # replays fork the global RNG: two at once would see each other's draws
+            cached = recipe._replayed
+            if cached is None:
+                cached = _replay_uncached(recipe)
+                # A constructor that raised may work next time (memory freed, a retry): not kept.
+                if not (isinstance(cached, ReplayError) and cached.reason is Reason.REPLAY_RAISED):
+                    recipe._replayed = cached
     if isinstance(cached, ReplayError):
         raise cached
     return cached
@@ -506,9 +306,9 @@ def replay(recipe):
 
 def _replay_uncached(recipe):
     if recipe.refusal:
-        return ReplayError(recipe.refusal)
-    if recipe.cls in _never_replay:
-        return ReplayError("bufferfix.never_replay(%s) forbids re-running its constructor" % recipe.cls.__qualname__)
+        return ReplayError(Reason.REFUSED, recipe.refusal)
+    if recompute.forbids_replay(recipe.cls):
+        return ReplayError(Reason.NEVER_REPLAY)
     try:
         module, drew_random = _construct(recipe, seed=0)
         randomised = set()
@@ -522,5 +322,5 @@ def _replay_uncached(recipe):
                 if key in second and not tensor.is_meta and not torch.equal(tensor, second[key])
             }
     except Exception as error:  # noqa: BLE001 - any failure of user code is reported, not raised
-        return ReplayError("re-running %s raised %s: %s" % (recipe.describe(), type(error).__name__, error))
+        return ReplayError(Reason.REPLAY_RAISED, "%s: %s" % (type(error).__name__, error))
     return module, randomised

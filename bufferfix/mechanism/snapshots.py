@@ -8,18 +8,10 @@ the model is materialised or garbage collected.  Nothing is stored on the
 module, so ``state_dict``, pickling and ``torch.save`` are unaffected.
 """
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
-_snapshots = WeakIdKeyDictionary()  # meta tensor -> the real tensor it replaced
+from . import compat
 
-
-def non_persistent_buffers(module):
-    """Yield ``(name, tensor)`` for the module's own non-persistent buffers."""
-    buffers = module._buffers
-    for name in module._non_persistent_buffers_set:
-        tensor = buffers.get(name)
-        if tensor is not None:
-            yield name, tensor
+_snapshots = compat.WeakIdKeyDictionary()  # meta tensor -> the real tensor it replaced
 
 
 class MoveToMeta:
@@ -73,3 +65,16 @@ def follow_copy(original, copy):
 
 def has_any():
     return len(_snapshots) > 0
+
+
+def count():
+    return len(_snapshots)
+
+
+def tensors():
+    """The real values held (for memory accounting)."""
+    return list(_snapshots.values())
+
+
+def nbytes():
+    return sum(tensor.untyped_storage().nbytes() for tensor in {id(t): t for t in tensors()}.values())

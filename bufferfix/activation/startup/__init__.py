@@ -1,19 +1,20 @@
 """Start-up activation (``BUFFERFIX_AUTO=1``): patch torch as soon as a process imports it.
 
-Two things load this module at interpreter start-up:
+This package is installed as the top-level ``_bufferfix_startup`` (setup.cfg maps it), so
+that start-up can import it without importing ``bufferfix``, whose import enables
+bufferfix and imports wrapt (~150 ms): a process that never imports torch must not pay
+that.  It uses the standard library only.  Two things import it at interpreter start-up:
 
-- ``bufferfix-startup.pth``, installed into site-packages with the distribution (see
-  setup.py), when ``BUFFERFIX_AUTO`` is set to something other than a false value;
-- ``bufferfix/_bootstrap/sitecustomize.py``, which ``bufferfix-run`` puts on PYTHONPATH.
+- ``bufferfix-startup.pth`` in site-packages, one line in the style of setuptools'
+  ``distutils-precedence.pth``: ``BUFFERFIX_AUTO`` set to a non-false value -> import
+  this module and :func:`install`;
+- ``bufferfix/activation/bootstrap/sitecustomize.py``, which ``bufferfix-run`` puts on
+  PYTHONPATH.
 
-Both load it **by file path** under the name ``_bufferfix_startup``, without importing the
-``bufferfix`` package: ``import bufferfix`` enables it, which imports wrapt (~150 ms),
-and a process that never imports torch must not pay that.  So this module uses the
-standard library only, has no relative imports, and does nothing heavy: :func:`install`
-puts a tiny finder first on ``sys.meta_path`` that waits for ``import torch``; only then
-does it import bufferfix (whose import enables it, honouring ``BUFFERFIX_DISABLE``) and
-remove itself.  Torch is then patched when its module has finished executing, exactly as
-after ``import bufferfix; import torch``.
+:func:`install` puts a tiny finder first on ``sys.meta_path`` that waits for ``import
+torch``; only then does it import bufferfix (whose import enables it, honouring
+``BUFFERFIX_DISABLE``) and remove itself.  Torch is then patched when its module has
+finished executing, exactly as after ``import bufferfix; import torch``.
 
 Every failure is contained: it is reported once on stderr and the process goes on
 unpatched.  Installing twice (the .pth processed twice, .pth plus sitecustomize) is a no-op.
@@ -21,30 +22,10 @@ unpatched.  Installing twice (the .pth processed twice, .pth plus sitecustomize)
 import os
 import sys
 
+from . import settings
+
 _TRIGGER = "torch"
 _reported = set()
-
-
-def load(path, name):
-    """Execute the source file ``path`` as module ``name`` without importing any package.
-
-    Uses ``importlib.machinery`` (cheap) rather than ``importlib.util`` (which imports
-    contextlib, collections...).  The module goes into sys.modules once executed.
-    """
-    from importlib.machinery import SourceFileLoader
-
-    module = type(sys)(name)
-    module.__file__ = path
-    SourceFileLoader(name, path).exec_module(module)
-    sys.modules[name] = module
-    return module
-
-
-if __package__:  # imported normally, as bufferfix._startup
-    from . import _env
-else:  # loaded by path (see load()): load _env.py beside us by path too, never the package
-    _env = sys.modules.get("_bufferfix_env") or load(os.path.join(os.path.dirname(__file__), "_env.py"),
-                                                      "_bufferfix_env")
 
 
 def report(message):
@@ -63,10 +44,10 @@ def requested(environ=None):
     ``BUFFERFIX_DISABLE`` not true.  An invalid ``BUFFERFIX_AUTO`` warns once and means no."""
     if sys.flags.ignore_environment and environ is None:
         return False
-    if not _env.flag(_env.AUTO, environ=environ):
+    if not settings.flag(settings.AUTO, environ=environ):
         return False
     # an invalid BUFFERFIX_DISABLE is reported by bufferfix.enable() itself, later: stay quiet here
-    return not _env.flag(_env.DISABLE, environ=environ, warn=False)
+    return not settings.flag(settings.DISABLE, environ=environ, warn=False)
 
 
 class TorchImportTrigger:
@@ -134,7 +115,7 @@ def activate():
             import logging
 
             logging.getLogger("bufferfix").debug("bufferfix: enabled at start-up (%s) in process %d",
-                                                 _env.AUTO, os.getpid())
+                                                 settings.AUTO, os.getpid())
         return enabled
     except Exception as error:  # noqa: BLE001
         report("BUFFERFIX_AUTO: %s: %s" % (type(error).__name__, error))

@@ -1,9 +1,9 @@
-"""Environment switches, parsed with the standard library only.
+"""The ``BUFFERFIX_*`` environment variables, parsed with the standard library only.
 
-This module is imported on the interpreter start-up path (site hook), so it must
-stay cheap and must never raise: a bad value gives one warning on stderr and the
-safe default.  It has no relative imports: the start-up hook (``_startup.py``)
-loads it by file path, without importing the ``bufferfix`` package.
+Installed as ``_bufferfix_startup.settings`` (see ``bufferfix/activation/startup``): it runs
+on the interpreter start-up path, so it must stay cheap and must never raise: a bad value
+gives one warning on stderr and the safe default.  The package reads it as
+``bufferfix.activation.settings``.
 
 =======================  =========================================================
 ``BUFFERFIX_AUTO``       ``1``: activate at interpreter start-up in every Python
@@ -14,6 +14,8 @@ loads it by file path, without importing the ``bufferfix`` package.
 ``BUFFERFIX_STRICT``     ``1``: an unrecoverable buffer raises instead of warning
 ``BUFFERFIX_LOG_LEVEL``  ``debug``/``info``/``warning``/``error``/``critical`` (or
                          a number): level of ``logging.getLogger("bufferfix")``
+``BUFFERFIX_DISABLED_``  comma-separated integration names (``transformers``,
+``INTEGRATIONS``         ``accelerate``, ...): leave those libraries unpatched
 =======================  =========================================================
 
 Booleans accept ``1/true/yes/on`` and ``0/false/no/off`` (any case, spaces
@@ -26,8 +28,7 @@ AUTO = "BUFFERFIX_AUTO"  # "1": activate at start-up (site hook), patching torch
 DISABLE = "BUFFERFIX_DISABLE"  # "1": never patch anything, even on `import bufferfix`
 STRICT = "BUFFERFIX_STRICT"  # "1": an unrecoverable buffer raises instead of warning
 LOG_LEVEL = "BUFFERFIX_LOG_LEVEL"  # "debug", "info", ...: level of the "bufferfix" logger
-
-VARIABLES = (AUTO, DISABLE, STRICT, LOG_LEVEL)
+DISABLED_INTEGRATIONS = "BUFFERFIX_DISABLED_INTEGRATIONS"  # "accelerate,transformers": leave those unpatched
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -61,6 +62,12 @@ def flag(name, default=False, environ=None, warn=True):
     if warn:
         _complain(name, value, "1/true/yes/on or 0/false/no/off", "1" if default else "0")
     return default
+
+
+def names(name, environ=None):
+    """A comma-separated list of names (``BUFFERFIX_DISABLED_INTEGRATIONS``), lower-cased; never raises."""
+    value = (os.environ if environ is None else environ).get(name) or ""
+    return frozenset(part.strip().lower() for part in value.split(",") if part.strip())
 
 
 def log_level(environ=None):

@@ -2,9 +2,8 @@
 
 ``bufferfix-run`` puts this directory first on PYTHONPATH and sets ``BUFFERFIX_AUTO=1``,
 so every Python process started under it (and their children: torchrun workers,
-multiprocessing and DataLoader spawn workers) imports this module at start-up.  It loads
-``bufferfix/_startup.py`` by path (standard library only: nothing heavy happens until
-torch is imported) and arms it, then imports the ``sitecustomize`` that would have run
+multiprocessing and DataLoader spawn workers) imports this module at start-up.  It arms
+``_bufferfix_startup`` (bufferfix/activation/startup), then imports the ``sitecustomize`` that would have run
 without bufferfix-run (the next one on ``sys.path``), so an existing one keeps working;
 its errors are reported by ``site`` exactly as they would have been.
 """
@@ -14,16 +13,9 @@ import sys
 
 def _arm():
     try:
-        module = sys.modules.get("_bufferfix_startup")
-        if module is None:  # loaded by path, as bufferfix-startup.pth does: never the bufferfix package
-            from importlib.machinery import SourceFileLoader
+        import _bufferfix_startup  # standard library only: nothing heavy happens until torch is imported
 
-            path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_startup.py")
-            module = type(sys)("_bufferfix_startup")
-            module.__file__ = path
-            SourceFileLoader(module.__name__, path).exec_module(module)
-            sys.modules[module.__name__] = module
-        module.install()
+        _bufferfix_startup.install()
     except Exception as error:  # noqa: BLE001
         try:
             sys.stderr.write("bufferfix-run: the start-up hook failed (%s: %s); bufferfix is not active\n"

@@ -1,5 +1,5 @@
 """Not imported: this directory is what ``bufferfix-run`` puts first on PYTHONPATH.
 
 Its ``sitecustomize.py`` arms bufferfix's start-up activation in every Python process
-started under ``bufferfix-run`` (see ``bufferfix/launcher.py``).
+started under ``bufferfix-run`` (see ``bufferfix/activation/launcher.py``).
 """

@@ -3,7 +3,7 @@
 Runs COMMAND with bufferfix active in it and in every Python process it starts (torchrun
 workers, multiprocessing / DataLoader spawn workers, subprocesses), with no code change,
 in the style of ``ddtrace-run`` / ``opentelemetry-instrument``: the bootstrap directory
-``bufferfix/_bootstrap`` goes first on ``PYTHONPATH`` (its ``sitecustomize`` arms bufferfix
+``bufferfix/activation/bootstrap`` goes first on ``PYTHONPATH`` (its ``sitecustomize`` arms bufferfix
 at start-up and then runs any ``sitecustomize`` it hides) and ``BUFFERFIX_AUTO=1`` is set;
 then COMMAND replaces this process (``os.execvpe``), so signals and the exit status are
 COMMAND's own.
@@ -17,6 +17,7 @@ import sys
 
 USAGE = """\
 usage: bufferfix-run [--] COMMAND [ARGS...]
+       bufferfix-run --version | --help
        python -m bufferfix run [--] COMMAND [ARGS...]
 
 Run COMMAND with bufferfix active in every Python process it starts (its children included):
@@ -27,7 +28,7 @@ Environment: BUFFERFIX_DISABLE=1 turns bufferfix off anyway; BUFFERFIX_STRICT=1 
 unrecoverable buffer an error; BUFFERFIX_LOG_LEVEL=debug|info|warning sets its logging.
 """
 
-BOOTSTRAP_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_bootstrap")
+BOOTSTRAP_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bootstrap")
 
 
 def environment(environ=None):
@@ -46,6 +47,11 @@ def main(argv=None):
         argv = argv[1:]
     elif argv[:1] and argv[0] in ("-h", "--help"):
         sys.stdout.write(USAGE)
+        return 0
+    elif argv[:1] == ["--version"]:
+        from bufferfix import __version__
+
+        print("bufferfix-run (bufferfix) %s" % __version__)
         return 0
     if not argv:
         sys.stderr.write(USAGE)

@@ -1,0 +1,145 @@
+"""The contract every integration follows, and the guards they share.
+
+In the spirit of OpenTelemetry's ``BaseInstrumentor``: one :class:`Integration` subclass per
+library module, with a ``name`` (what ``BUFFERFIX_DISABLED_INTEGRATIONS`` lists), the
+``target`` module whose import triggers it, ``_instrument(module)`` / ``_uninstrument()``;
+:meth:`Integration.instrument` and :meth:`Integration.uninstrument` are idempotent, every
+wrap is recorded by handle and taken off by one guarded unwrap, and a missing entry point
+is logged and skipped (:meth:`Integration.require`).  A wrapper left in place because
+something else wrapped on top of it passes straight through while ``active`` is false.
+
+Two guards keep a user's call the user's own:
+
+* :func:`contained` runs bufferfix's bookkeeping; an internal failure is logged and warned
+  about, never raised into the user's call;
+* :class:`Restoring` is the sandwich around a materialising call: plan before, restore
+  after, and when the call raises, restore what it had materialised and let the user's
+  exception go on unchanged (same object, same traceback).
+"""
+import logging
+
+import wrapt
+
+from .. import errors, reporting
+from ..mechanism.restore import Materialisation
+
+logger = logging.getLogger("bufferfix")
+
+
+class Integration:
+    name = ""  # as listed in BUFFERFIX_DISABLED_INTEGRATIONS
+    target = ""  # the module whose import triggers instrument()
+    patches = ""  # what it patches, for logs (default: the target)
+
+    def __init__(self):
+        self.active = False
+        self._wraps = []  # (owner, attribute, wrapt handle)
+
+    def instrument(self, module):
+        """Patch ``module`` (the imported target).  Idempotent; a partial failure is undone."""
+        if self.active:
+            return
+        self.active = True
+        try:
+            self._instrument(module)
+        except BaseException:
+            self.uninstrument()
+            raise
+        logger.debug("bufferfix: %s instrumented", self.patches or self.target)
+
+    def uninstrument(self):
+        if not self.active:
+            return
+        self.active = False
+        try:
+            self._uninstrument()
+        finally:
+            self._unwrap_all()
+        logger.debug("bufferfix: %s uninstrumented", self.patches or self.target)
+
+    def _instrument(self, module):
+        raise NotImplementedError
+
+    def _uninstrument(self):
+        """Undo what ``_instrument`` did besides :meth:`wrap` (those are undone for it)."""
+
+    # ------------------------------------------------------------------ helpers
+    def wrap(self, owner, attribute, wrapper):
+        """``wrapt.wrap_function_wrapper(owner, attribute, wrapper)``, recorded for :meth:`uninstrument`."""
+        self._wraps.append((owner, attribute, wrapt.wrap_function_wrapper(owner, attribute, wrapper)))
+
+    def _unwrap_all(self):
+        while self._wraps:
+            owner, attribute, handle = self._wraps.pop()
+            try:
+                wrapt.unwrap_object(owner, attribute, handle, missing_ok=True)
+            except Exception as error:  # noqa: BLE001 - e.g. a non-wrapt wrapper installed on top of ours
+                logger.warning("bufferfix: left an inert wrapper on %s.%s (%s)",
+                               getattr(owner, "__name__", owner), attribute, error)
+
+    def require(self, owner, dotted):
+        """Does ``owner`` have the attribute path ``dotted`` (``"Class.method"``)?  Logs and says
+        False when it does not: that entry point is then not patched."""
+        value = owner
+        for part in dotted.split("."):
+            value = getattr(value, part, None)
+            if value is None:
+                logger.info("bufferfix: %s has no %s.%s (version %s); not patched", self.name,
+                            getattr(owner, "__name__", owner), dotted, _version_of(owner))
+                return False
+        return True
+
+
+def _version_of(module):
+    import sys
+
+    top = sys.modules.get(getattr(module, "__name__", "").split(".")[0])
+    return getattr(top, "__version__", "?")
+
+
+def contained(action, what, user_error=False):
+    """Run bufferfix's own bookkeeping; an internal failure must never break the user's call.
+
+    ``user_error``: the user's call is raising already; then strict mode's
+    :class:`~bufferfix.errors.UnrecoverableBufferError` is given as a warning instead, so the
+    exception the user sees stays the one their call raised."""
+    try:
+        return action()
+    except errors.UnrecoverableBufferError as strict:
+        if not user_error:
+            raise
+        errors.warn(errors.UnrecoverableBufferWarning(str(strict), strict.recoveries))
+        return None
+    except Exception:  # noqa: BLE001
+        logger.exception("bufferfix: internal error while %s", what)
+        reporting.internal_error(what)
+        return None
+
+
+class Restoring:
+    """``with Restoring(model, ...): <the call that swaps model's tensors for empty ones>``.
+
+    Plans before the call and restores after it.  When the call raises, what it had already
+    materialised is filled before the exception goes on (``__exit__`` returns False: the
+    exception is the user's, unchanged).  With ``defer_replays``, values only a replay can
+    give are held back and left in ``deferred`` (see :mod:`bufferfix.mechanism.deferral`).
+    """
+
+    def __init__(self, model, recurse=True, device=None, defer_replays=False):
+        self.model, self.recurse, self.device, self.defer_replays = model, recurse, device, defer_replays
+        self.plan = self.deferred = None
+
+    def __enter__(self):
+        self.plan = contained(lambda: Materialisation(self.model, self.recurse), "planning buffer restoration")
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if self.plan is None:
+            return False
+        if kind is None:
+            self.deferred = contained(lambda: self.plan.restore(self.device, defer_replays=self.defer_replays),
+                                      "restoring non-persistent buffers")
+        else:
+            contained(lambda: self.plan.restore_after_error(self.device),
+                      "restoring non-persistent buffers after %s" % kind.__name__, user_error=True)
+        return False

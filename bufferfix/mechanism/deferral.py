@@ -1,0 +1,96 @@
+"""Deferral: values only a constructor replay can give, held back while a library's own
+initialisation runs right after the materialisation.
+
+transformers' ``_init_weights`` recomputes the buffers of its own models, so replaying them
+too would be wasted work.  Inside :meth:`DeferredRestore.watching`, a buffer the
+initialisation overwrites whole (``copy_``, ``fill_``, ``normal_``, ...) is left to it; a
+buffer it touches in any other way (reads it, writes part of it, takes ``.data``) is filled
+first, so it never sees uninitialised memory.  :meth:`DeferredRestore.finish` fills whatever
+the initialisation did not overwrite; it must run even when the initialisation raised.
+"""
+import torch
+
+from . import compat
+
+
+class DeferredRestore:
+    """``(group, target)`` pairs of a :class:`~.restore.Materialisation` still waiting for a value."""
+
+    def __init__(self, plan, pending, failures):
+        self.plan = plan
+        self.pending = {id(target): (group, target) for group, target in pending}
+        self.failures = failures
+
+    def watching(self):
+        return _FirstUse(self)
+
+    def fill(self, key):
+        group, target = self.pending.pop(key)
+        with torch.no_grad():
+            self.plan.fill(group, target, self.failures)
+
+    def left_to_the_library(self, key):
+        group, target = self.pending.pop(key)
+        self.plan.left_to_the_library(target)
+
+    def finish(self):
+        for key, (group, target) in list(self.pending.items()):
+            module, name = group.buffers[0]
+            if module._buffers.get(name) is not target:
+                continue  # the initialisation registered a tensor of its own there: its value stands
+            self.fill(key)
+        self.pending.clear()
+        self.plan.finish(self.failures)
+
+
+def _overwriting_functions():
+    """Functions that overwrite every element of their first argument without reading it."""
+    tensor_methods = ("copy_", "fill_", "zero_", "normal_", "uniform_")
+    init_functions = ("normal_", "uniform_", "trunc_normal_", "zeros_", "ones_", "constant_")
+    return frozenset([getattr(torch.Tensor, name) for name in tensor_methods]
+                     + [getattr(torch.nn.init, name) for name in init_functions if hasattr(torch.nn.init, name)])
+
+
+def _metadata_functions():
+    """Functions on a tensor that do not look at its values."""
+    properties = ("shape", "dtype", "device", "is_meta", "ndim", "requires_grad", "layout", "is_cuda", "is_leaf",
+                  "grad_fn", "names")
+    methods = ("size", "dim", "numel", "element_size", "stride", "is_contiguous", "__len__", "nelement",
+               "get_device", "is_floating_point", "is_complex")
+    return frozenset([getattr(torch.Tensor, name).__get__ for name in properties if hasattr(torch.Tensor, name)]
+                     + [getattr(torch.Tensor, name) for name in methods if hasattr(torch.Tensor, name)])
+
+
+_OVERWRITING = _overwriting_functions()
+_METADATA = _metadata_functions()
+
+
+class _FirstUse(compat.TorchFunctionMode):
+    def __init__(self, deferred):
+        super().__init__()
+        self.deferred = deferred
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        pending = self.deferred.pending
+        if pending and func not in _METADATA:
+            for position, value in enumerate(_arguments(args, kwargs)):
+                if id(value) in pending:
+                    if position == 0 and func in _OVERWRITING:
+                        self.deferred.left_to_the_library(id(value))
+                    else:
+                        self.deferred.fill(id(value))
+        return func(*args, **kwargs)
+
+
+def _arguments(args, kwargs):
+    """Positional arguments first (position 0 is ``self`` for a tensor method), then the rest;
+    tensors inside lists and tuples too."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, (list, tuple)):
+            yield None  # keeps position 0 meaning "the first argument itself"
+            yield from value
+        else:
+            yield value
+
+

@@ -1,0 +1,68 @@
+"""The formatting layer: the only place :class:`~bufferfix.mechanism.recovery.Recovery` values
+become words (warnings, errors, debug logs, the doctor's report)."""
+from typing import Iterable
+
+from . import errors
+from .mechanism.recovery import Attempt, Reason, Recovery, Source
+
+_SOURCES = {
+    Source.KEPT: "real value kept",
+    Source.SNAPSHOT: "snapshot taken before the move to meta",
+    Source.RECOMPUTE_FUNCTION: "registered recompute function for {origin}",
+    Source.REPLAY: "replay of {origin}(...)",
+    Source.LIBRARY: "left to the library's own initialisation",
+}
+
+_REASONS = {
+    Reason.NO_RECIPE: "it was born on meta and no constructor was recorded for it or its parents "
+                      "(was the model built while bufferfix was active?)",
+    Reason.REFUSED: "{origin}(...) is not re-run: {detail}",
+    Reason.NEVER_REPLAY: "bufferfix.never_replay({origin}) forbids re-running its constructor",
+    Reason.REPLAY_RAISED: "re-running {origin}(...) raised {detail}",
+    Reason.NOT_CREATED: "re-running {origin}(...) did not create {detail!r}",
+    Reason.ON_META: "re-running {origin}(...) puts it on meta explicitly",
+    Reason.RANDOM: "re-running {origin}(...) draws it from the random number generator, so the normal "
+                   "build's values are unknowable",
+    Reason.MODIFIED_IN_PLACE: "it was modified in place after {origin}(...) returned",
+    Reason.SHAPE_MISMATCH: "recovered value and materialised buffer differ in shape ({detail})",
+    Reason.RECOMPUTE_RAISED: "recompute function for {origin} raised {detail}",
+    Reason.INTERRUPTED: "the materialising call raised before its value was written ({detail})",
+    Reason.INTERNAL_ERROR: "bufferfix failed internally ({detail}); details in the 'bufferfix' log",
+}
+
+
+def why(attempt: Attempt) -> str:
+    return _REASONS[attempt.reason].format(origin=attempt.origin, detail=attempt.detail)
+
+
+def describe(recovery: Recovery) -> str:
+    """``name (Owner): how it was recovered`` or ``...: why it was not``."""
+    if recovery.recovered:
+        how = _SOURCES[recovery.source].format(origin=recovery.origin)
+    else:
+        how = "; ".join(why(attempt) for attempt in recovery.attempts) or why(Attempt(None, recovery.reason,
+                                                                                       recovery.detail))
+    return "%s (%s): %s" % (recovery.name, recovery.owner, how)
+
+
+def report_unrecoverable(recoveries: Iterable[Recovery]) -> None:
+    """Warn (or raise in strict mode) about buffers left without a value, naming each one."""
+    recoveries = tuple(recoveries)
+    if not recoveries:
+        return
+    lines = "\n".join("  - " + describe(recovery) for recovery in recoveries)
+    message = (
+        "bufferfix could not recover %d non-persistent buffer(s) after materialisation; "
+        "they hold uninitialised memory:\n%s\n"
+        "Fix: build the model normally (not on meta), or register a recompute function "
+        "with bufferfix.register_recompute(ModuleClass, fn)." % (len(recoveries), lines)
+    )
+    if errors.is_strict():
+        raise errors.UnrecoverableBufferError(message, recoveries)
+    errors.warn(errors.UnrecoverableBufferWarning(message, recoveries))
+
+
+def internal_error(what: str) -> None:
+    """bufferfix's own bookkeeping failed while ``what``: say so loudly (details are logged)."""
+    errors.warn("bufferfix failed internally while %s; non-persistent buffers may hold "
+                "uninitialised memory (details in the 'bufferfix' log)" % what)
