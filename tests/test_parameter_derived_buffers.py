@@ -91,17 +91,6 @@ ALL_FLOWS = {**FLOWS, "Model(device='meta')": built_with_device_argument, "load_
 RAISES_IN_THE_CONSTRUCTOR = {"init_empty_weights"}
 
 
-# Until replays can use real parameters and init_empty_weights() / device="meta" constructions are
-# recorded (issue 14); removed when that fix lands.
-PENDING = pytest.mark.xfail(strict=True, reason="issue 14: fix pending")
-_PENDING_FLOWS = {"init_empty_weights(include_buffers)", "torch.device('meta')", "to_empty(recurse=False)",
-                  "Model(device='meta')", "load_state_dict(assign=True)"}
-
-
-def _flows(names):
-    return [pytest.param(flow, marks=PENDING) if flow in _PENDING_FLOWS else flow for flow in names]
-
-
 @pytest.fixture(scope="module")
 def reference():
     return build().eval()
@@ -112,7 +101,7 @@ def _needs(flow):
         pytest.importorskip("accelerate")
 
 
-@pytest.mark.parametrize("flow", _flows(ALL_FLOWS))
+@pytest.mark.parametrize("flow", ALL_FLOWS)
 def test_gives_the_normal_build(flow, reference, recwarn):
     _needs(flow)
     if flow in RAISES_IN_THE_CONSTRUCTOR:
@@ -134,7 +123,6 @@ def test_broken_without_bufferfix(flow, reference, without_bufferfix):
     assert broken_buffers(model, reference)
 
 
-@PENDING
 def test_init_empty_weights_mask_born_on_meta_comes_back(reference):
     """Under init_empty_weights() only the mask is born on meta (its parameter's device), with no
     meta default device: its constructor must have been recorded all the same."""
@@ -159,7 +147,6 @@ def _parameter_bytes(module):
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
-@PENDING
 @pytest.mark.parametrize("flow", ["torch.device('meta')", "Model(device='meta')", "to_empty(recurse=False)"])
 def test_replay_with_real_parameters_holds_one_module_at_a_time(flow, reference):
     """The transient memory of replaying with real parameters, measured: every real parameter

@@ -44,29 +44,12 @@ SUBSET = {
     "resnetblur18": (dict(layers=(1, 1, 1, 1)), "BlurPool filter buffers"),
 }
 
-# Broken with bufferfix before replays could use real parameters and before init_empty_weights() /
-# device="meta" constructions were recorded; removed when that fix lands.
-_PARAMETER_DERIVED = {"swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256", "swinv2_cr_tiny_224",
-                      "vit_small_patch16_rope_mixed_224"}
-_BROKEN_BEFORE_THE_FIX = (
-    {(name, sweep_timm.TIMM_META) for name in SUBSET}
-    | {(name, flow) for name in _PARAMETER_DERIVED for flow in (
-        "init_empty_weights(include_buffers)", "torch.device('meta')", "to_empty(recurse=False)", sweep_timm.ASSIGN)}
-    | {("swin_tiny_patch4_window7_224", "init_empty_weights")})
-
-
-def _case(name, flow):
-    if (name, flow) in _BROKEN_BEFORE_THE_FIX:
-        return pytest.param(name, flow, marks=pytest.mark.xfail(strict=True, reason="issue 14: fix pending"))
-    return pytest.param(name, flow)
-
-
 @functools.lru_cache(maxsize=None)
 def checked(name):
     return sweep_timm.check(name, model_kwargs=SUBSET[name][0])
 
 
-@pytest.mark.parametrize("name, flow", [_case(name, flow) for name in SUBSET for flow in sweep_timm.ALL_FLOWS])
+@pytest.mark.parametrize("name, flow", [(name, flow) for name in SUBSET for flow in sweep_timm.ALL_FLOWS])
 def test_subset_gives_the_reference(name, flow):
     result = checked(name)
     assert result.harness_error is None, result.harness_error

@@ -91,7 +91,7 @@ def _recording_new(cls, *args, **kwargs):
     module = object.__new__(cls)
     if INTEGRATION.active and cls not in _unrecorded_classes:
         try:
-            if recording.meta_is_default_device() and not recipes.replaying():
+            if recording.should_record(kwargs) and not recipes.replaying():
                 recording.record_construction(module, cls, args, kwargs)
         except Exception:  # noqa: BLE001 - never break construction
             logger.exception("bufferfix: could not record the construction of %s", cls.__qualname__)

@@ -5,7 +5,11 @@ there is nothing to snapshot.  What we can keep is the constructor call that
 produced it (see :mod:`.recording`): the class, the arguments, and the default
 dtype at the time.  At materialisation the constructor is re-run ("replayed") on
 CPU with its parameters sent straight to meta (so no weight memory is touched),
-and the non-persistent buffers are taken from the replayed module.
+and the non-persistent buffers are taken from the replayed module.  A constructor that
+computes a buffer from a parameter, or on a parameter's device (timm's Swin ``attn_mask``),
+gets it on meta or raises that way: that one recipe is replayed again with real parameters,
+which are sent to meta as soon as it returns, so the transient memory is that module's
+parameters (``replay(recipe, real_parameters=True)``).
 
 Identical recipes are interned (80 identical decoder layers share one recipe) and
 the replay result is cached on the recipe, so it is computed once and freed
@@ -14,6 +18,7 @@ together with the recipe once every module that used it has been materialised.
 import contextlib
 import copy
 import functools
+import logging
 import operator
 import random
 import sys
@@ -30,9 +35,11 @@ from .recovery import Reason
 
 class _ThreadState(threading.local):
     replaying = False  # a class default: a missing thread-local attribute costs an exception
+    real_parameters = False  # this replay keeps its parameters real (see replay)
 
 
 _local = _ThreadState()
+logger = logging.getLogger("bufferfix")
 _replay_lock = threading.RLock()
 
 _version_offsets = compat.WeakIdKeyDictionary()  # deep-copied meta tensor -> writes its original had seen
@@ -50,7 +57,7 @@ class ReplayError(Exception):
 
 class Recipe:
     __slots__ = ("cls", "args", "kwargs", "default_dtype", "argument_states", "refusal", "_replayed",
-                 "_replayed_on_meta", "__weakref__")
+                 "_replayed_real", "_replayed_on_meta", "__weakref__")
 
     def __init__(self, cls, args, kwargs, default_dtype, argument_states=(), refusal=None):
         self.cls = cls
@@ -63,6 +70,7 @@ class Recipe:
         self.argument_states = argument_states
         self.refusal = refusal  # why this constructor must not be re-run, or None
         self._replayed = None  # (module, randomised buffer names) or ReplayError
+        self._replayed_real = None  # the same replay with real parameters (freed once it returned)
         self._replayed_on_meta = None  # a meta build, only to read version counters
 
     @property
@@ -209,8 +217,8 @@ def parameters_to_meta(module, name, param):
     """Global parameter-registration hook: during a replay, parameters go straight to meta (only
     the buffers are wanted, so no weight memory is touched).  It stays installed: adding it per
     replay would mutate torch's hook dict while another thread iterates it."""
-    if not _local.replaying or param is None or param.is_meta:  # every parameter registered goes through here
-        return None
+    if not _local.replaying or _local.real_parameters or param is None or param.is_meta:
+        return None  # every parameter registered goes through here: the cheapest checks first
     if type(param) is nn.Parameter:
         return nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
     try:  # Parameter subclasses keep their extra state, as accelerate's init_on_device does
@@ -245,14 +253,35 @@ def _isolated(default_dtype, device="cpu"):
         _local.replaying = previous
 
 
-def _construct(recipe, seed):
-    with _isolated(recipe.default_dtype):
-        torch.default_generator.manual_seed(seed)  # torch.manual_seed goes through dynamo: ~0.2 ms
-        before = torch.get_rng_state()
-        args, kwargs = recipe.arguments_as_recorded()
-        module = recipe.cls(*args, **kwargs)
-        drew_random = not torch.equal(before, torch.get_rng_state())
+def _construct(recipe, seed, real_parameters=False):
+    previous = _local.real_parameters
+    _local.real_parameters = real_parameters
+    try:
+        with _isolated(recipe.default_dtype):
+            torch.default_generator.manual_seed(seed)  # torch.manual_seed goes through dynamo: ~0.2 ms
+            before = torch.get_rng_state()
+            args, kwargs = recipe.arguments_as_recorded()
+            module = recipe.cls(*args, **kwargs)
+            drew_random = not torch.equal(before, torch.get_rng_state())
+    finally:
+        _local.real_parameters = previous
+    if real_parameters:
+        freed = _free_parameters(module)
+        logger.debug("bufferfix: replayed %s with real parameters (%d bytes, freed)", recipe.origin, freed)
     return module, drew_random
+
+
+def _free_parameters(module):
+    """Send a replayed module's real parameters to meta at once (only its buffers are wanted);
+    returns their bytes: the transient memory that replay cost."""
+    freed = 0
+    for sub in module.modules():
+        for name, param in sub._parameters.items():
+            if param is not None and not param.is_meta:
+                freed += param.numel() * param.element_size()
+                sub._parameters[name] = nn.Parameter(torch.empty_like(param, device="meta"),
+                                                     requires_grad=param.requires_grad)
+    return freed
 
 
 def version_at_construction(recipe, relative):
@@ -287,35 +316,40 @@ def _tensors_of(module):
     }
 
 
-def replay(recipe):
+def replay(recipe, real_parameters=False):
     """Return ``(module, randomised)``: a fresh CPU build, and the (path, name) of tensors that
-    came from the random number generator.  Raises :class:`ReplayError`."""
-    cached = recipe._replayed
+    came from the random number generator.  Raises :class:`ReplayError`.
+
+    Parameters are sent to meta as they are registered, unless ``real_parameters``: then they
+    are real while the constructor runs (a buffer computed from one, or on its device, comes out
+    right) and sent to meta as soon as it returns."""
+    slot = "_replayed_real" if real_parameters else "_replayed"
+    cached = getattr(recipe, slot)
     if cached is None:
         with _replay_lock:  # replays fork the global RNG: two at once would see each other's draws
-            cached = recipe._replayed
+            cached = getattr(recipe, slot)
             if cached is None:
-                cached = _replay_uncached(recipe)
+                cached = _replay_uncached(recipe, real_parameters=True) if real_parameters else _replay_uncached(recipe)
                 # A constructor that raised may work next time (memory freed, a retry): not kept.
                 if not (isinstance(cached, ReplayError) and cached.reason is Reason.REPLAY_RAISED):
-                    recipe._replayed = cached
+                    setattr(recipe, slot, cached)
     if isinstance(cached, ReplayError):
         raise cached
     return cached
 
 
-def _replay_uncached(recipe):
+def _replay_uncached(recipe, real_parameters=False):
     if recipe.refusal:
         return ReplayError(Reason.REFUSED, recipe.refusal)
     if recompute.forbids_replay(recipe.cls):
         return ReplayError(Reason.NEVER_REPLAY)
     try:
-        module, drew_random = _construct(recipe, seed=0)
+        module, drew_random = _construct(recipe, seed=0, real_parameters=real_parameters)
         randomised = set()
         if drew_random:
             # The constructor used the RNG; find out which tensors depend on it by building
             # again from another seed.  A normal build's random values are unknowable.
-            again, _ = _construct(recipe, seed=1)
+            again, _ = _construct(recipe, seed=1, real_parameters=real_parameters)
             first, second = _tensors_of(module), _tensors_of(again)
             randomised = {
                 key for key, tensor in first.items()

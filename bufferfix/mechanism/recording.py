@@ -42,6 +42,52 @@ def meta_is_default_device():
 _last_device_context = (None, False)
 
 
+def should_record(kwargs):
+    """Is a module being constructed now born (partly) on meta, so that its constructor call must
+    be kept?  Asked for every module constructed, so the cheapest checks come first:
+
+    * meta is the default device (``with torch.device("meta")``, ``set_default_device``);
+    * ``nn.Module.register_parameter`` is patched to put parameters on meta (accelerate's
+      ``init_empty_weights()`` / ``init_on_device("meta")`` and transformers' copy of them):
+      buffers stay real there, but one computed from a parameter or on a parameter's device
+      (timm's Swin ``attn_mask``) is born on meta;
+    * a ``device="meta"`` argument (timm's ``create_model(..., device="meta")`` passes it down to
+      every module).
+    """
+    return (meta_is_default_device() or parameters_put_on_meta()
+            or (bool(kwargs) and is_meta_device(kwargs.get("device"))))
+
+
+_ORIGINAL_REGISTER_PARAMETER = nn.Module.register_parameter
+_last_register_parameter = (_ORIGINAL_REGISTER_PARAMETER, False)
+
+
+def parameters_put_on_meta():
+    """Has ``nn.Module.register_parameter`` been replaced by a function that puts parameters on
+    meta?  accelerate's replacement holds the target device in its closure; the function is
+    looked at once, then only compared by identity."""
+    global _last_register_parameter
+    current = nn.Module.__dict__.get("register_parameter")
+    if current is _last_register_parameter[0]:
+        return _last_register_parameter[1]
+    on_meta = False
+    for cell in getattr(current, "__closure__", None) or ():
+        try:
+            on_meta = on_meta or is_meta_device(cell.cell_contents)
+        except ValueError:  # an empty cell
+            pass
+    _last_register_parameter = (current, on_meta)
+    return on_meta
+
+
+def is_meta_device(value):
+    """``"meta"`` or ``torch.device("meta")``, as a ``device=`` argument is given."""
+    kind = type(value)
+    if kind is str:
+        return value == "meta"
+    return kind is torch.device and value.type == "meta"
+
+
 def torch_nn_own_classes():
     """torch.nn's own module classes (Linear, Embedding, LayerNorm, SiLU, ...), containers aside.
 
@@ -68,6 +114,9 @@ def torch_nn_own_classes():
 def record_construction(module, cls, args, kwargs):
     """Called from ``nn.Module.__new__`` while meta is the default device: keep the raw call."""
     global _parent_index
+    if kwargs and is_meta_device(kwargs.get("device")):
+        # Replays run on CPU: the normal build is the same call without device="meta".
+        kwargs = dict(kwargs, device=None)
     states = recipes.argument_states(args, kwargs)
     if type(states) is str:  # refused: keep no arguments, they may hold the model itself alive
         args, kwargs = (), {}
@@ -116,10 +165,11 @@ def replay_nbytes():
     """Bytes of the tensors in the replays cached on live recipes."""
     seen, total = set(), 0
     for _, entry in list(_recorded.values()):
-        cached = getattr(entry, "_replayed", None)
-        if type(cached) is tuple and id(cached[0]) not in seen:
-            seen.add(id(cached[0]))
-            total += sum(t.untyped_storage().nbytes() for t in cached[0].buffers() if not t.is_meta)
+        for slot in ("_replayed", "_replayed_real"):
+            cached = getattr(entry, slot, None)
+            if type(cached) is tuple and id(cached[0]) not in seen:
+                seen.add(id(cached[0]))
+                total += sum(t.untyped_storage().nbytes() for t in cached[0].buffers() if not t.is_meta)
     return total
 
 

@@ -50,7 +50,7 @@ def _recompute(module, name, live, attempts):
         if recipe is None:
             continue
         try:
-            replayed, randomised = recipes.replay(recipe)
+            replayed, randomised = _replay(recipe, relative)
         except recipes.ReplayError as error:
             attempts.append(Attempt(recipe.origin, error.reason, error.detail))
             continue
@@ -69,6 +69,23 @@ def _recompute(module, name, live, attempts):
     if len(attempts) == tried:
         attempts.append(Attempt(None, Reason.NO_RECIPE))
     return None
+
+
+def _replay(recipe, relative):
+    """The recipe's replay, with its parameters on meta; once more with real parameters when that
+    gives the tensor on meta or raises, as a constructor does that computes a buffer from a
+    parameter or on a parameter's device (timm's Swin ``attn_mask``, ``RotaryEmbeddingMixed``'s
+    ``t_x``).  Raises :class:`~bufferfix.mechanism.recipes.ReplayError`."""
+    try:
+        replayed = recipes.replay(recipe)
+    except recipes.ReplayError as error:
+        if error.reason is not Reason.REPLAY_RAISED:
+            raise  # refused / never_replay: real parameters change nothing
+    else:
+        value = _lookup(replayed[0], relative)
+        if value is None or not value.is_meta:
+            return replayed
+    return recipes.replay(recipe, real_parameters=True)
 
 
 def _qualified_class(cls):
