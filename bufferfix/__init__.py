@@ -14,15 +14,10 @@ import sys
 from typing import Callable, ContextManager, List, Optional, Type
 
 from .activation import registry, settings
-from .errors import (
-    BufferFixWarning,
-    UnrecoverableBufferError,
-    UnrecoverableBufferWarning,
-    is_strict,
-    set_strict,
-)
+from .errors import BufferFixWarning, UnrecoverableBufferError, UnrecoverableBufferWarning
 
-from .mechanism.recovery import Attempt, Reason, Recovery, Source  # standard library only
+from .recovery import Attempt, Reason, Recovery, Source  # standard library only
+from .reporting import is_strict, set_strict
 
 __version__ = "0.2.0"
 __all__ = [

@@ -1,13 +1,11 @@
-"""bufferfix's warning and error classes, strict mode, and warnings attributed to the user's line.
+"""bufferfix's warning and error classes, and warnings attributed to the user's line.
 
 The words of a message are made in :mod:`bufferfix.reporting`; the classes carry the
-:class:`~bufferfix.mechanism.recovery.Recovery` values they are about as ``.recoveries``.
+:class:`~bufferfix.recovery.Recovery` values they are about as ``.recoveries``.
 """
 import os
 import sys
 import warnings
-
-from .activation import settings
 
 
 class BufferFixWarning(UserWarning):
@@ -17,7 +15,7 @@ class BufferFixWarning(UserWarning):
 class UnrecoverableBufferWarning(BufferFixWarning):
     """A non-persistent buffer was materialised but its value could not be recovered.
 
-    ``recoveries``: a tuple of :class:`~bufferfix.mechanism.recovery.Recovery`, one per buffer."""
+    ``recoveries``: a tuple of :class:`~bufferfix.recovery.Recovery`, one per buffer."""
 
     def __init__(self, message, recoveries=()):
         super().__init__(message)
@@ -30,19 +28,6 @@ class UnrecoverableBufferError(RuntimeError):
     def __init__(self, message, recoveries=()):
         super().__init__(message)
         self.recoveries = tuple(recoveries)
-
-
-_strict = None  # None: follow BUFFERFIX_STRICT
-
-
-def set_strict(strict: "bool | None") -> None:
-    """``True``: unrecoverable buffers raise; ``False``: they warn; ``None``: follow the env var."""
-    global _strict
-    _strict = strict
-
-
-def is_strict() -> bool:
-    return settings.flag(settings.STRICT) if _strict is None else bool(_strict)
 
 
 _INTERNAL = (os.path.dirname(os.path.abspath(__file__)) + os.sep, os.sep + "wrapt" + os.sep,

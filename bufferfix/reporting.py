@@ -1,9 +1,11 @@
-"""The formatting layer: the only place :class:`~bufferfix.mechanism.recovery.Recovery` values
-become words (warnings, errors, debug logs, the doctor's report)."""
+"""The formatting layer: the only place :class:`~bufferfix.recovery.Recovery` values
+become words (warnings, errors, debug logs, the doctor's report), and strict mode, which
+decides between a warning and an error."""
 from typing import Iterable
 
 from . import errors
-from .mechanism.recovery import Attempt, Reason, Recovery, Source
+from .activation import settings
+from .recovery import Attempt, Reason, Recovery, Source
 
 _SOURCES = {
     Source.KEPT: "real value kept",
@@ -29,6 +31,19 @@ _REASONS = {
     Reason.INTERRUPTED: "the materialising call raised before its value was written ({detail})",
     Reason.INTERNAL_ERROR: "bufferfix failed internally ({detail}); details in the 'bufferfix' log",
 }
+
+
+_strict = None  # None: follow BUFFERFIX_STRICT
+
+
+def set_strict(strict: "bool | None") -> None:
+    """``True``: unrecoverable buffers raise; ``False``: they warn; ``None``: follow the env var."""
+    global _strict
+    _strict = strict
+
+
+def is_strict() -> bool:
+    return settings.flag(settings.STRICT) if _strict is None else bool(_strict)
 
 
 def why(attempt: Attempt) -> str:
@@ -57,7 +72,7 @@ def report_unrecoverable(recoveries: Iterable[Recovery]) -> None:
         "Fix: build the model normally (not on meta), or register a recompute function "
         "with bufferfix.register_recompute(ModuleClass, fn)." % (len(recoveries), lines)
     )
-    if errors.is_strict():
+    if is_strict():
         raise errors.UnrecoverableBufferError(message, recoveries)
     errors.warn(errors.UnrecoverableBufferWarning(message, recoveries))
 

@@ -215,7 +215,7 @@ def test_a_replay_that_raises_is_loud_and_a_retry_replays_again():
     finally:
         FlakyConstructor.failing = False
     [recovery] = [r for w in caught for r in w.message.recoveries]
-    assert (recovery.name, recovery.reason) == ("steps", bufferfix.mechanism.recovery.Reason.REPLAY_RAISED)
+    assert (recovery.name, recovery.reason) == ("steps", bufferfix.recovery.Reason.REPLAY_RAISED)
     quiet(lambda: model.to_empty(device="cpu"))  # the retry: marked unfilled, replayed again, exact
     model.load_state_dict(reference.state_dict())
     assert_matches_reference(model, reference)

@@ -18,6 +18,8 @@ INTEGRATIONS = {
     "torch": "bufferfix.integrations.torch_nn",
     "transformers.modeling_utils": "bufferfix.integrations.transformers",
     "accelerate": "bufferfix.integrations.accelerate",
+    "torchtune": "bufferfix.integrations.torchtune",
+    "peft": "bufferfix.integrations.peft",
 }
 
 _enabled = False
@@ -50,9 +52,9 @@ def _post_import_hook(integration_module):
 
 def _warn_not_instrumented(name, error):
     try:
-        from .. import errors
+        from ..errors import warn
 
-        errors.warn("bufferfix could not patch %s (%s: %s); non-persistent buffers of models materialised "
+        warn("bufferfix could not patch %s (%s: %s); non-persistent buffers of models materialised "
                     "through it will not be restored" % (name, type(error).__name__, error))
     except Exception:  # noqa: BLE001
         pass

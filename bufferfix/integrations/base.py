@@ -137,9 +137,21 @@ class Restoring:
         if self.plan is None:
             return False
         if kind is None:
-            self.deferred = contained(lambda: self.plan.restore(self.device, defer_replays=self.defer_replays),
-                                      "restoring non-persistent buffers")
+            self.deferred = contained(self._restore, "restoring non-persistent buffers")
         else:
-            contained(lambda: self.plan.restore_after_error(self.device),
+            contained(lambda: report(self.plan, self.plan.restore_after_error(self.device)),
                       "restoring non-persistent buffers after %s" % kind.__name__, user_error=True)
         return False
+
+    def _restore(self):
+        deferred, failures = self.plan.restore(self.device, defer_replays=self.defer_replays)
+        report(self.plan, failures)
+        return deferred
+
+
+def report(plan, failures):
+    """What a restore did, for the user: each value filled at debug level, the lost ones loudly."""
+    for recovery in plan.recovered:
+        logger.debug("bufferfix: %s", reporting.describe(recovery))
+    plan.recovered.clear()
+    reporting.report_unrecoverable(failures)

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..mechanism import compat, recipes, recording, snapshots
 from ..mechanism.restore import materialise_meta_buffers
-from .base import Integration, Restoring, contained
+from .base import Integration, Restoring, contained, report
 
 logger = logging.getLogger("bufferfix")
 
@@ -73,7 +73,7 @@ def _materialise_left_on_meta(model):
     device = next((tensor.device for tensor in model.state_dict().values()
                    if isinstance(tensor, torch.Tensor) and not tensor.is_meta), None)
     if device is not None:
-        materialise_meta_buffers(model, device)
+        report(*materialise_meta_buffers(model, device))
 
 
 def _moving_to_meta(wrapped, instance, args, kwargs, recurse=True):

@@ -26,7 +26,7 @@ without buffers), so it has no such entry point; its meta flows go through
 import logging
 import threading
 
-from .base import Integration, Restoring, contained
+from .base import Integration, Restoring, contained, report
 
 logger = logging.getLogger("bufferfix")
 
@@ -80,7 +80,7 @@ def _finalize_model_loading(wrapped, instance, args, kwargs):
 def _finish(model):
     deferred = _pending().pop(id(model), None)
     if deferred is not None:
-        contained(deferred.finish, "restoring non-persistent buffers")
+        contained(lambda: report(deferred.plan, deferred.finish()), "restoring non-persistent buffers")
 
 
 class Transformers(Integration):

@@ -1,6 +1,7 @@
 """The mechanism: record constructors, snapshot real values, restore after materialisation.
 
-One module per concern, dependencies running down the list:
+One module per concern, dependencies running down the list; all of it produces
+:class:`bufferfix.recovery.Recovery` values, and none of it makes words (see ``bufferfix.reporting``):
 
 * ``restore``: plan before a materialisation, fill after it (faults included);
 * ``deferral``: fills held back while a library's own initialisation runs;
@@ -9,7 +10,6 @@ One module per concern, dependencies running down the list:
 * ``recipes``: a constructor call, interned, and its replay on CPU;
 * ``snapshots``: real values kept when a model moves to meta;
 * ``recompute``: the user's recompute functions and never-replay classes;
-* ``recovery``: the :class:`~.recovery.Recovery` value all of it produces;
 * ``compat``: every torch private API used, in one place.
 
 Everything here needs torch; it is imported only once torch itself is imported.

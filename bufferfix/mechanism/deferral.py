@@ -6,7 +6,8 @@ too would be wasted work.  Inside :meth:`DeferredRestore.watching`, a buffer the
 initialisation overwrites whole (``copy_``, ``fill_``, ``normal_``, ...) is left to it; a
 buffer it touches in any other way (reads it, writes part of it, takes ``.data``) is filled
 first, so it never sees uninitialised memory.  :meth:`DeferredRestore.finish` fills whatever
-the initialisation did not overwrite; it must run even when the initialisation raised.
+the initialisation did not overwrite and returns what could not be recovered; it must run
+even when the initialisation raised.
 """
 import torch
 
@@ -40,7 +41,7 @@ class DeferredRestore:
                 continue  # the initialisation registered a tensor of its own there: its value stands
             self.fill(key)
         self.pending.clear()
-        self.plan.finish(self.failures)
+        return self.plan.finish(self.failures)
 
 
 def _overwriting_functions():

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from . import compat, recompute
-from .recovery import Reason
+from ..recovery import Reason
 
 
 class _ThreadState(threading.local):
@@ -48,7 +48,7 @@ _interned = weakref.WeakValueDictionary()  # recipe key -> Recipe
 
 class ReplayError(Exception):
     """The recipe cannot produce the value a normal build would have: ``reason`` (a
-    :class:`~bufferfix.mechanism.recovery.Reason`) and ``detail`` say why."""
+    :class:`~bufferfix.recovery.Reason`) and ``detail`` say why."""
 
     def __init__(self, reason, detail=""):
         super().__init__(reason, detail)
@@ -75,7 +75,7 @@ class Recipe:
 
     @property
     def origin(self):
-        """``module.Class``: names the recipe in a :class:`~bufferfix.mechanism.recovery.Recovery`."""
+        """``module.Class``: names the recipe in a :class:`~bufferfix.recovery.Recovery`."""
         return "%s.%s" % (self.cls.__module__, self.cls.__qualname__)
 
     def has_argument_states(self, states):
@@ -308,12 +308,18 @@ def version_at_construction(recipe, relative):
 
 
 def _tensors_of(module):
-    return {
+    from . import containers
+
+    found = {
         (path, name): tensor
         for path, sub in module.named_modules(remove_duplicate=False)
         for name, tensor in list(sub._buffers.items()) + list(vars(sub).items())
         if isinstance(tensor, torch.Tensor)
     }
+    for path, sub in module.named_modules(remove_duplicate=False):  # and tensors in container attributes
+        for slot in containers.slots(sub, wanted=lambda tensor: True):
+            found.setdefault((path, slot.name), slot.tensor)
+    return found
 
 
 def replay(recipe, real_parameters=False):

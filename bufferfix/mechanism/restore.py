@@ -9,7 +9,8 @@ and which slots share one tensor.  After, it
 * re-shares tensors that were shared (``empty_like`` gave each slot its own),
 * fills each non-persistent buffer from the first source that has its value
   (:mod:`.sources`),
-* reports whatever it could not recover, as :class:`~.recovery.Recovery` values.
+* returns whatever it could not recover, as :class:`~bufferfix.recovery.Recovery` values (the
+  integration that called it reports them: the mechanism makes no words).
 
 Values are copied into the materialised tensor, so it keeps the dtype and device the
 materialisation gave it (exactly what ``.to()`` would do to a normal build).
@@ -28,9 +29,8 @@ import weakref
 
 import torch
 
-from .. import reporting
-from . import compat, deferral, recipes, recording, snapshots, sources
-from .recovery import Attempt, Reason, Recovery
+from . import compat, deferral, extras, recipes, recording, snapshots, sources
+from ..recovery import Attempt, Reason, Recovery
 
 logger = logging.getLogger("bufferfix")
 
@@ -101,6 +101,8 @@ class Materialisation:
         self.modules = _modules_in_order(root) if recurse else [root]
         self.root_was_meta = recording.holds_meta_tensors(root) if not recurse else True
         self._paths = None
+        self.extras = extras.Extras()  # containers, buffers registered off meta, weight norm
+        self.recovered = []  # Recovery of each value filled, kept only while debug logging is on
         self.groups = {}
         for module in self.modules:
             if not module._buffers:
@@ -126,6 +128,8 @@ class Materialisation:
                     _remember_non_tensor_type(type(value))
                 elif not isinstance(value, torch.nn.Parameter):
                     group = self.groups.get(id(value))
+                    if group is None and value.is_meta and self.extras.derived(module, name):
+                        continue  # recomputed from parameters by a weight-norm hook: not a lost value
                     if group is None and value.is_meta:  # a plain attribute that never got a value
                         group = self._group(value)
                         group.needs_value = True
@@ -133,6 +137,7 @@ class Materialisation:
                         group.attributes.append((module, name))
         self.groups = {key: group for key, group in self.groups.items()
                        if group.needs_value or group.attributes or len(group.buffers) > 1}
+        self.extras.plan(self.modules)
 
     def _path(self, module):
         if self._paths is None:
@@ -151,29 +156,30 @@ class Materialisation:
     # ------------------------------------------------------------------ after
     def restore(self, device=None, defer_replays=False):
         """Fill every buffer that needs a value.  With ``defer_replays``, values that only a
-        replay can give are held back and a :class:`~.deferral.DeferredRestore` is returned
-        (else None)."""
+        replay can give are held back in a :class:`~.deferral.DeferredRestore`.  Returns
+        ``(DeferredRestore or None, [Recovery of each value not recovered])``."""
         failures, held_back = [], []
         with torch.no_grad():
+            self.extras.restore(self, device, failures)
             for group, target in self._materialised_groups():
                 if defer_replays and self._only_a_replay_can_fill(group, target):
                     held_back.append((group, target))
                     continue
                 self.fill(group, target, failures, device)
         if held_back:
-            return deferral.DeferredRestore(self, held_back, failures)
-        self.finish(failures)
-        return None
+            return deferral.DeferredRestore(self, held_back, failures), []
+        return None, self.finish(failures)
 
     def restore_after_error(self, device=None):
         """The materialising call raised part of the way through: fill every slot it had already
         swapped for empty memory (the rest still holds meta tensors, which fail loudly when used
-        and are filled by the next materialisation).  Records are kept for that retry."""
+        and are filled by the next materialisation).  Records are kept for that retry.  Returns
+        the Recovery of each value not recovered."""
         failures = []
         with torch.no_grad():
             for group, target in self._materialised_groups(changed_only=True):
                 self.fill(group, target, failures, device)
-        reporting.report_unrecoverable(failures)
+        return failures
 
     def _materialised_groups(self, changed_only=False):
         """``[(group, target)]`` for every group that needs a value, after re-sharing.  Every real
@@ -208,7 +214,7 @@ class Materialisation:
             failures.append(self._recovery(group, found))
             return
         if logger.isEnabledFor(logging.DEBUG):
-            logger.debug("bufferfix: %s", reporting.describe(self._recovery(group, found)))
+            self.recovered.append(self._recovery(group, found))
         if target is None:  # a plain attribute only: it takes the recovered tensor itself
             moved = found.value.to(device if device is not None else found.value.device, copy=True)
             for module, name in group.attributes:
@@ -221,15 +227,15 @@ class Materialisation:
         self._write(group, target, found.value)
 
     def finish(self, failures):
-        """The materialisation is complete: records go, failures are reported.  After a failure
-        the records stay (until the model dies), so a retry can still replay."""
+        """The materialisation is complete: records go; returns ``failures``.  After a failure the
+        records stay (until the model dies), so a retry can still replay."""
         if failures:
             pass
         elif self.recurse:
             recording.forget_all(self.modules)
         else:
             recording.forget_when_subtree_done(self.root, self.root_was_meta)
-        reporting.report_unrecoverable(failures)
+        return failures
 
     def _reshare(self, group):
         """Make every slot of the group hold the same (materialised) tensor again."""
@@ -282,7 +288,7 @@ class Materialisation:
             detail=attempts[0].detail if found.source is None and attempts else "", attempts=attempts)
 
     def explain(self):
-        """A :class:`~.recovery.Recovery` for every tensor that needs a value; changes nothing."""
+        """A :class:`~bufferfix.recovery.Recovery` for every tensor that needs a value; changes nothing."""
         return [self._recovery(group, sources.find(group.old, group.buffers + group.attributes))
                 for group in self.groups.values() if group.needs_value]
 
@@ -294,14 +300,15 @@ def unfilled_count():
 def materialise_meta_buffers(model, device="cpu"):
     """Give every non-persistent buffer (and plain tensor attribute) still on meta its value on
     ``device``, leaving everything else alone.  For libraries that load parameters themselves
-    and never materialise what is not in the checkpoint (accelerate's dispatch and loading)."""
+    and never materialise what is not in the checkpoint (accelerate's dispatch and loading).
+    Returns the plan (its ``recovered``) and the Recovery of each value not recovered."""
     plan = Materialisation(model)
     plan.groups = {key: group for key, group in plan.groups.items() if group.needs_value and group.tensor.is_meta}
-    if not plan.groups:
-        return
+    if not plan.groups and not plan.extras:
+        return plan, []
     for group in plan.groups.values():
         if group.buffers:
             module, name = group.buffers[0]
             module._buffers[name] = torch.empty_like(group.tensor, device=device)
-    plan.restore(device)
+    return plan, plan.restore(device)[1]
 

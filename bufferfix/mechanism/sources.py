@@ -3,7 +3,7 @@
 In order: the old real value (``init_empty_weights()`` keeps buffers real), a snapshot
 taken when the model went to meta, a registered recompute function, a replay of the
 constructor of the module or of its nearest ancestor that reproduces it.  Each way that
-fails leaves an :class:`~bufferfix.mechanism.recovery.Attempt` saying why, as a value.
+fails leaves an :class:`~bufferfix.recovery.Attempt` saying why, as a value.
 """
 import dataclasses
 from typing import Optional, Tuple
@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import recipes, recompute, recording, snapshots
-from .recovery import Attempt, Reason, Source
+from ..recovery import Attempt, Reason, Source
 
 
 @dataclasses.dataclass

@@ -1,0 +1,154 @@
+"""PEFT: values its tuners compute deterministically where no constructor replay reaches them.
+
+Tuner models and tuner layers take the base model (or base layer) as a constructor argument, so
+bufferfix never replays them.  Three kinds of their values are nonetheless deterministic, and a
+model built or loaded on meta gets them back through recompute functions registered here:
+
+* projections drawn from a seeded generator in a tuner model's ``_pre_injection_hook`` and kept in
+  :class:`BufferDict`\\ s (VeRA / RandLoRA / PVeRA ... with ``save_projection=False``: non-persistent,
+  in no checkpoint): when a tuner is made on a meta model, ``inject_adapter`` is wrapped to re-run
+  the hook on CPU first, against a stand-in that keeps its writes (the live tuner is untouched and
+  the values are PEFT's own), and those values are kept until materialisation asks for them;
+* ``PeftModel.prompt_tokens`` (prompt learning: ``arange(num_virtual_tokens * submodules)``);
+* FourierFT's ``indices`` (a ``randperm`` from ``random_loc_seed``'s own generator).
+"""
+import inspect
+import logging
+import types
+import weakref
+
+import torch
+
+from ..mechanism import recompute
+from .base import Integration, contained
+
+logger = logging.getLogger("bufferfix")
+
+# id(BufferDict) -> (weakref to it, {adapter name: its value as a normal build computes it})
+_projections = {}
+
+
+class _StandIn:
+    """The tuner model while its ``_pre_injection_hook`` re-runs: reads go to the tuner, methods are
+    bound to the stand-in, attribute writes stay here."""
+
+    def __init__(self, real):
+        object.__setattr__(self, "_real", real)
+        object.__setattr__(self, "_written", {})
+
+    def __getattr__(self, name):
+        written = object.__getattribute__(self, "_written")
+        if name in written:
+            return written[name]
+        real = object.__getattribute__(self, "_real")
+        function = inspect.getattr_static(type(real), name, None)
+        if isinstance(function, types.FunctionType):  # a plain method: bound to the stand-in
+            return types.MethodType(function, self)
+        return getattr(real, name)  # attributes, static and class methods, properties: the tuner's
+
+    def __setattr__(self, name, value):
+        object.__getattribute__(self, "_written")[name] = value
+
+
+def _inject_adapter(wrapped, instance, args, kwargs):
+    if INTEGRATION.active:  # BaseTuner.__init__ has just run _pre_injection_hook; nothing is injected yet
+        contained(lambda: _remember_projections(instance), "noting PEFT's projections")
+    return wrapped(*args, **kwargs)
+
+
+def _on_meta(tuner):
+    from peft.tuners._buffer_dict import BufferDict
+
+    if any(parameter.is_meta for parameter in tuner.model.parameters()):
+        return True
+    return any(tensor.is_meta for module in tuner._modules.values() if isinstance(module, BufferDict)
+               for tensor in module.values())
+
+
+def _remember_projections(tuner):
+    """On a model on meta (or whose projections are), compute the projections the hook would give
+    on CPU now, while the model is as the hook saw it (VeRA's ``_find_dim`` needs the layers not yet
+    replaced by tuner layers), and keep them until the BufferDict dies or is materialised."""
+    from peft.tuners._buffer_dict import BufferDict
+
+    for key in [key for key, (held, _) in _projections.items() if held() is None]:
+        del _projections[key]
+    held = {attribute: module for attribute, module in tuner._modules.items() if isinstance(module, BufferDict)}
+    if not held or not _on_meta(tuner):
+        return
+    values = {attribute: {} for attribute in held}
+    for adapter, config in tuner.peft_config.items():
+        if not any(adapter in module for module in held.values()):
+            continue
+        stand_in = _StandIn(tuner)
+        with torch.random.fork_rng(devices=[]), torch.device("cpu"), torch.no_grad():
+            type(tuner)._pre_injection_hook(stand_in, tuner.model, config, adapter)
+        written = object.__getattribute__(stand_in, "_written")
+        for attribute in held:
+            made = written.get(attribute)
+            if isinstance(made, BufferDict) and adapter in made:
+                values[attribute][adapter] = made[adapter]
+    for attribute, module in held.items():
+        _projections[id(module)] = (weakref.ref(module), values[attribute])
+
+
+def _recompute_projections(buffer_dict):
+    """``{adapter name: tensor}`` for a BufferDict a tuner's ``_pre_injection_hook`` filled."""
+    entry = _projections.get(id(buffer_dict))
+    if entry is None or entry[0]() is not buffer_dict:
+        return {}
+    return dict(entry[1])
+
+
+def _recompute_prompt_tokens(peft_model):
+    return {"prompt_tokens[%r]" % name: torch.arange(config.num_virtual_tokens * config.num_transformer_submodules).long()
+            for name, config in peft_model.peft_config.items()
+            if getattr(config, "is_prompt_learning", False) and getattr(config, "num_transformer_submodules", None)}
+
+
+def _recompute_fourierft_indices(layer):
+    found = {}
+    for adapter, seed in layer.fourierft_random_loc_seed.items():
+        indices = torch.randperm(layer.out_features * layer.in_features,
+                                 generator=torch.Generator().manual_seed(seed))[:layer.fourierft_n_frequency[adapter]]
+        found["indices[%r]" % adapter] = torch.stack([indices // layer.in_features, indices % layer.in_features], dim=0)
+    return found
+
+
+class Peft(Integration):
+    name = "peft"
+    target = "peft"
+    patches = "peft (BaseTuner.inject_adapter; recompute functions for BufferDict, PeftModel, FourierFTLayer)"
+
+    def __init__(self):
+        super().__init__()
+        self._registered = []  # (class, function)
+
+    def _instrument(self, module):
+        import importlib
+
+        for where, dotted, function in (
+                ("peft.tuners._buffer_dict", "BufferDict", _recompute_projections),
+                ("peft.peft_model", "PeftModel", _recompute_prompt_tokens),
+                ("peft.tuners.fourierft.layer", "FourierFTLayer", _recompute_fourierft_indices)):
+            try:
+                owner = importlib.import_module(where)
+            except ImportError:
+                logger.info("bufferfix: peft has no %s (version %s); not patched", where, module.__version__)
+                continue
+            if self.require(owner, dotted) and recompute.registered_recompute(getattr(owner, dotted)) is None:
+                cls = getattr(owner, dotted)
+                recompute.register_recompute(cls, function)
+                self._registered.append((cls, function))
+        tuners = importlib.import_module("peft.tuners.tuners_utils")
+        if self.require(tuners, "BaseTuner.inject_adapter"):
+            self.wrap(tuners.BaseTuner, "inject_adapter", _inject_adapter)
+
+    def _uninstrument(self):
+        while self._registered:
+            cls, function = self._registered.pop()
+            if recompute.registered_recompute(cls) is function:
+                recompute.unregister_recompute(cls)
+
+
+INTEGRATION = Peft()
