@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..mechanism import compat, recipes, recording, snapshots
+from ..mechanism import restore
 from ..mechanism.restore import materialise_meta_buffers
 from .base import Integration, Restoring, contained, report
 
@@ -79,7 +80,8 @@ def _materialise_left_on_meta(model):
 def _moving_to_meta(wrapped, instance, args, kwargs, recurse=True):
     """Snapshot real non-persistent buffers before a move to meta; record them after it, also
     when the move raised part of the way through (what it moved keeps its snapshot)."""
-    move = contained(lambda: snapshots.MoveToMeta(instance, recurse), "snapshotting buffers")
+    move = contained(lambda: snapshots.MoveToMeta(instance, recurse, unfilled=restore.left_unfilled),
+                     "snapshotting buffers")
     try:
         return wrapped(*args, **kwargs)
     finally:

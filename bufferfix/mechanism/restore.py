@@ -82,7 +82,7 @@ def _remember_non_tensor_type(kind):
     _NON_TENSOR_TYPES.add(kind)
 
 
-def _left_unfilled(tensor):
+def left_unfilled(tensor):
     """The meta tensor ``tensor`` replaced, if its value was never written; else None."""
     mark = _unfilled.get(tensor)
     if mark is None:
@@ -116,7 +116,7 @@ class Materialisation:
                         group.needs_value = True
         if _unfilled:
             for group in self.groups.values():
-                stands_for = _left_unfilled(group.tensor)
+                stands_for = left_unfilled(group.tensor)
                 if stands_for is not None:
                     group.old, group.needs_value = stands_for, True
         for module in self.modules:

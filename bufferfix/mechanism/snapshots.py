@@ -20,9 +20,14 @@ class MoveToMeta:
     ``Module._apply`` gives every buffer slot its own new tensor, so a buffer shared by two
     modules, or aliased by a plain attribute (4.x rotary ``original_inv_freq``), would stop
     being shared; the slots are pointed at one moved tensor again, as in the normal build.
+
+    ``unfilled(tensor)``: the meta tensor a real-looking tensor stands for if its value was never
+    written (an interrupted materialisation, see :mod:`.restore`); such a tensor is garbage, so it
+    takes that meta tensor's snapshot, if any, never its own bytes.
     """
 
-    def __init__(self, root, recurse=True):
+    def __init__(self, root, recurse=True, unfilled=None):
+        self.unfilled = unfilled
         modules = list(root.modules()) if recurse else [root]
         self.groups = {}  # id(real tensor) -> [real tensor, [buffer slots], [attribute slots], non-persistent?]
         for module in modules:
@@ -45,7 +50,10 @@ class MoveToMeta:
             if moved is None or not moved.is_meta:
                 continue
             if non_persistent:  # persistent values come back from the checkpoint
-                _snapshots[moved] = real
+                stands_for = self.unfilled(real) if self.unfilled is not None else None
+                value = real if stands_for is None else _snapshots.get(stands_for)
+                if value is not None:
+                    _snapshots[moved] = value
             for module, other in buffers[1:]:
                 module._buffers[other] = moved
             for module, attribute in attributes:
