@@ -160,16 +160,35 @@ def _refusal(value):
     return None
 
 
+_PLAIN, _CHECKED, _OBJECT = 0, 1, 2  # what an argument's type asks of argument_states
+_argument_kinds = {}  # type -> one of the three, decided once per type
+
+
+def _argument_kind(kind):
+    if kind in _VALUE_TYPE_SET or issubclass(kind, _STATELESS):
+        found = _PLAIN  # a value or a callable: nothing to keep
+    elif issubclass(kind, (nn.Module, torch.Tensor, list, tuple, dict)):
+        found = _CHECKED  # may hold a module or a meta tensor: see _refusal
+    else:
+        found = _OBJECT  # an argument object (a config): its attributes are kept
+    if len(_argument_kinds) < 10000:  # classes made on the fly: do not keep them all
+        _argument_kinds[kind] = found
+    return found
+
+
 def argument_states(args, kwargs):
     """``((argument, copy of its attributes), ...)`` for argument objects (configs), or a refusal.
 
-    Runs for every module recorded, hence the fast paths by exact type."""
+    Runs for every module recorded, hence each argument type classified once."""
     states = ()
+    kinds = _argument_kinds
     for value in (*args, *kwargs.values()) if kwargs else args:
-        kind = type(value)
-        if kind in _VALUE_TYPE_SET or issubclass(kind, _STATELESS):
+        kind = kinds.get(type(value))
+        if kind is None:
+            kind = _argument_kind(type(value))
+        if kind is _PLAIN:
             continue
-        if issubclass(kind, (nn.Module, torch.Tensor, list, tuple, dict)):
+        if kind is _CHECKED:
             refusal = _refusal(value)
             if refusal is not None:
                 return refusal

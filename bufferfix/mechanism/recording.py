@@ -29,16 +29,31 @@ _awaiting = {}  # id(module) -> [weakref to the module, descendants still on met
 # --------------------------------------------------------------------------- is meta the default device?
 
 def meta_is_default_device():
-    """Is ``meta`` the default device (``with torch.device("meta")``, set_default_device)?"""
-    global _last_device_context
+    """Is ``meta`` the default device (``with torch.device("meta")``, set_default_device)?
+
+    Asked for every module constructed, so the answer is kept for as long as the torch-function
+    mode stack keeps its length and its top mode (one ``with torch.device("meta")`` block: one
+    walk of the stack).  The top is held, so its identity cannot be reused by another mode."""
+    global _last_mode_stack
+    length = compat.function_mode_stack_length()
+    top = compat.function_mode_at(length - 1) if length else None
+    last = _last_mode_stack
+    if top is last[1] and length == last[0] and top is not None:
+        return last[2]
     context = compat.device_context()
-    if context is None:
-        return False
+    meta = context is not None and _is_meta(context)
+    _last_mode_stack = (length, top, meta)
+    return meta
+
+
+def _is_meta(context):
+    global _last_device_context
     if context is not _last_device_context[0]:  # device.type builds a string: ask once per context
         _last_device_context = (context, torch.device(context.device).type == "meta")
     return _last_device_context[1]
 
 
+_last_mode_stack = (0, None, False)  # (stack length, top mode, is meta the default device?)
 _last_device_context = (None, False)
 
 
