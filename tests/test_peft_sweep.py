@@ -29,12 +29,6 @@ SUBSET = {
     "peft.PROMPT_TUNING": "prompt_tokens: tensors in a dict attribute of PeftModel",
 }
 CASES = libsweep.subset(sweep_peft.cases(), SUBSET)
-NOT_YET = {
-    "peft.VERA(save_projection=False)": "issue 14 (3): projections from projection_prng_key, no replay",
-    "peft.RANDLORA(save_projection=False)": "issue 14 (3): projections from projection_prng_key, no replay",
-    "peft.FOURIERFT": "issue 14 (4): tensors in container attributes stay on meta",
-    "peft.PROMPT_TUNING": "issue 14 (4): tensors in container attributes stay on meta",
-}
 
 
 @functools.lru_cache(maxsize=None)
@@ -42,7 +36,7 @@ def checked(name):
     return libsweep.check(CASES[name])
 
 
-@pytest.mark.parametrize("name", libsweep.params(SUBSET, NOT_YET))
+@pytest.mark.parametrize("name", SUBSET)
 def test_subset_gives_the_reference_in_every_flow(name):
     libsweep.assert_exact_with_bufferfix(checked(name))
 

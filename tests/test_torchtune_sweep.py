@@ -24,8 +24,6 @@ SUBSET = {
     "torchtune.t5.t5_encoder": "T5 relative-position bucket table",
 }
 CASES = libsweep.subset(sweep_torchtune.cases(), SUBSET)
-NOT_YET = {name: "issue 14 (2): rope_init() registers nothing on meta; bufferfix must add cache / theta"
-           for name in SUBSET if "llama3_1" in name or "llama3_2" in name}
 
 
 @functools.lru_cache(maxsize=None)
@@ -33,7 +31,7 @@ def checked(name):
     return libsweep.check(CASES[name])
 
 
-@pytest.mark.parametrize("name", libsweep.params(SUBSET, NOT_YET))
+@pytest.mark.parametrize("name", SUBSET)
 def test_subset_gives_the_reference_in_every_flow(name):
     libsweep.assert_exact_with_bufferfix(checked(name))
 

@@ -1,0 +1,55 @@
+"""Issue 14, diffusers: a fixed subset of tests/sweep_diffusers.py, one model class per kind of buffer.
+
+Each runs every meta flow, ``load_state_dict(assign=True)`` and diffusers' own loading paths
+(``from_pretrained(low_cpu_mem_usage=True)``, ``from_pretrained(device_map="cpu")``), with and
+without bufferfix, bit for bit against a normal build.  The full sweep (every ``ModelMixin`` class,
+its default config shrunk; about twenty minutes on 2 cores)::
+
+    python -m pytest -m slow tests/test_diffusers_sweep.py      # or: python tests/sweep_diffusers.py
+"""
+import functools
+
+import pytest
+
+pytest.importorskip("diffusers")
+pytest.importorskip("accelerate")
+
+import libsweep  # noqa: E402
+import sweep_diffusers  # noqa: E402
+
+SUBSET = {
+    "diffusers.PriorTransformer": "bool causal-mask buffer",
+    "diffusers.PixArtTransformer2DModel": "sinusoidal 2-D position table",
+    "diffusers.WanTransformer3DModel": "RoPE cos / sin tables",
+    "diffusers.QwenImageTransformer2DModel": "RoPE tables kept as plain tensor attributes",
+    "diffusers.Lumina2Transformer2DModel": "RoPE tables in a list attribute (a container)",
+    "diffusers.ConsistencyDecoderVAE": "tensors inside the scheduler object it holds (a plain object)",
+}
+# Legacy weight norm: ``weight`` is a plain attribute its hook recomputes from parameters before every
+# forward.  Nothing is lost without bufferfix; with it, nothing may be reported lost either.
+WEIGHT_NORM = {"diffusers.MiniMaxMusic3Vocoder": "torch.nn.utils.weight_norm on every conv"}
+CASES = libsweep.subset(sweep_diffusers.cases(), list(SUBSET) + list(WEIGHT_NORM))
+
+
+@functools.lru_cache(maxsize=None)
+def checked(name):
+    return libsweep.check(CASES[name])
+
+
+@pytest.mark.parametrize("name", list(SUBSET) + list(WEIGHT_NORM))
+def test_subset_gives_the_reference_in_every_flow(name):
+    libsweep.assert_exact_with_bufferfix(checked(name))  # and warns about nothing
+
+
+@pytest.mark.parametrize("name", SUBSET)
+def test_subset_is_broken_without_bufferfix(name):
+    libsweep.assert_broken_without_bufferfix(checked(name))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sweep_diffusers.cases(), ids=lambda case: case.name)
+def test_every_model_class(case):
+    result = libsweep.check(case)
+    if result.skipped:
+        pytest.skip(result.skipped)
+    libsweep.assert_exact_or_named(result)
