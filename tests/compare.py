@@ -1,39 +1,15 @@
-"""Bit-for-bit comparison of a materialised model against a normally built reference."""
-import torch
+"""Assertions that a materialised model matches a normally built reference, bit for bit.
 
-
-def bits(tensor):
-    """The raw bytes of a tensor: NaN == NaN, and -0.0 != 0.0, unlike torch.equal."""
-    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-
-
-def identical(a, b):
-    return (a.dtype == b.dtype and a.device == b.device and a.shape == b.shape
-            and not a.is_meta and torch.equal(bits(a), bits(b)))
-
-
-def non_persistent_buffers(model):
-    return {
-        "%s.%s" % (path, name) if path else name: tensor
-        for path, module in model.named_modules(remove_duplicate=False)
-        for name, tensor in module._buffers.items()
-        if name in module._non_persistent_buffers_set and tensor is not None
-    }
-
-
-def tensor_attributes(model):
-    return {
-        "%s.%s" % (path, name) if path else name: value
-        for path, module in model.named_modules()
-        for name, value in vars(module).items()
-        if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter)
-    }
-
-
-def sharing(tensors):
-    """Which names hold the same tensor object: {name: first name holding that object}."""
-    first = {}
-    return {name: first.setdefault(id(tensor), name) for name, tensor in tensors.items()}
+The comparison itself is :mod:`bufferfix.tools.compare`, shared with the doctor; this module adds
+the test suite's assertions on top of it.
+"""
+from bufferfix.tools.compare import (  # noqa: F401  (re-exported for the tests)
+    bits,
+    identical,
+    non_persistent_buffers,
+    sharing,
+    tensor_attributes,
+)
 
 
 def broken_buffers(model, reference):

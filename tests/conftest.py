@@ -14,11 +14,9 @@ def poisoned_memory():
 @pytest.fixture
 def without_bufferfix():
     """Run a test with bufferfix switched off (to show the flow is broken without it)."""
-    bufferfix.disable()
-    try:
+    with bufferfix.disabled():
         yield
-    finally:
-        assert bufferfix.enable()
+    assert bufferfix.is_enabled()
 
 
 @pytest.fixture

@@ -1,0 +1,62 @@
+"""Bit-for-bit comparison of a model's buffers with a normally built reference.
+
+Shared by the doctor and the test suite (``tests/compare.py`` builds its assertions on it).
+Imports torch.
+"""
+import torch
+
+
+def bits(tensor):
+    """The raw bytes of a tensor: NaN == NaN, and -0.0 != 0.0, unlike torch.equal."""
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+
+
+def identical(a, b):
+    """Same dtype, device, shape and bytes (and not on meta)."""
+    return (a.dtype == b.dtype and a.device == b.device and a.shape == b.shape
+            and not a.is_meta and torch.equal(bits(a), bits(b)))
+
+
+def qualified(path, name):
+    """``"layers.0" + "inv_freq"`` -> ``"layers.0.inv_freq"`` (the root module's path is ``""``)."""
+    return "%s.%s" % (path, name) if path else name
+
+
+def non_persistent_buffers(model):
+    """``{qualified name: tensor}`` of every non-persistent buffer, shared ones under every name."""
+    return {
+        qualified(path, name): tensor
+        for path, module in model.named_modules(remove_duplicate=False)
+        for name, tensor in module._buffers.items()
+        if name in module._non_persistent_buffers_set and tensor is not None
+    }
+
+
+def tensor_attributes(model):
+    """``{qualified name: tensor}`` of every plain tensor attribute (not a parameter, not a buffer)."""
+    return {
+        qualified(path, name): value
+        for path, module in model.named_modules()
+        for name, value in vars(module).items()
+        if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter)
+    }
+
+
+def unsaved_tensors(model):
+    """What a checkpoint does not hold: non-persistent buffers, then plain tensor attributes
+    (transformers 4.x rotary ``original_inv_freq``)."""
+    found = non_persistent_buffers(model)
+    for name, tensor in tensor_attributes(model).items():
+        found.setdefault(name, tensor)
+    return found
+
+
+def differing(got, expected):
+    """Names in ``expected`` (``{name: tensor}``) that ``got`` lacks or holds differently."""
+    return [name for name, tensor in expected.items() if name not in got or not identical(got[name], tensor)]
+
+
+def sharing(tensors):
+    """Which names hold the same tensor object: {name: first name holding that object}."""
+    first = {}
+    return {name: first.setdefault(id(tensor), name) for name, tensor in tensors.items()}

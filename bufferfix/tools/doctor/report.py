@@ -1,0 +1,196 @@
+"""The doctor's report: the measurements of :mod:`.check` (with bufferfix here, without it in a
+fresh ``BUFFERFIX_DISABLE=1`` interpreter) put together as one JSON-able dict, and that dict as text.
+
+Every classification comes from :class:`bufferfix.Recovery` values and from bit-for-bit
+comparisons; the only words taken from bufferfix are :func:`bufferfix.reporting.describe`'s,
+shown as they are.
+"""
+from .. import unpatched
+from . import check
+from .targets import resolve
+
+UNTRACKED = "untracked"  # a reason of the doctor's own: bufferfix.explain does not list the tensor
+
+
+def child_arguments(arguments):
+    """The command line of the doctor's ``BUFFERFIX_DISABLE=1`` child (``--flows-only``)."""
+    command = ["--flows-only", arguments.target]
+    if arguments.model_class:
+        command += ["--class", arguments.model_class]
+    if arguments.trust_remote_code:
+        command.append("--trust-remote-code")
+    return command
+
+
+def _entry(name, tensor, recovery):
+    """One buffer of the report, from its :class:`~bufferfix.Recovery` (None: not explained)."""
+    from bufferfix import reporting
+
+    entry = {"name": name, "shape": list(tensor.shape), "dtype": str(tensor.dtype).replace("torch.", "")}
+    if recovery is None:
+        return dict(entry, module_class="?", kind="?", recovery="cannot", origin=None, reason=UNTRACKED,
+                    description="bufferfix does not track it")
+    return dict(entry, module_class=recovery.owner, kind=recovery.kind,
+                recovery=recovery.source.value if recovery.recovered else "cannot", origin=recovery.origin,
+                reason=recovery.reason.name.lower() if recovery.reason else None,
+                description=reporting.describe(recovery))
+
+
+def _verdict(result, other, random):
+    if result["error"] is not None:
+        return "not applicable" if other is not None and other["error"] is not None else "wrong"
+    if not result["broken"]:
+        return "ok"
+    if set(result["broken"]) <= random:
+        return "random buffers differ"  # no build reproduces another build's random values
+    return "wrong"
+
+
+def diagnose(arguments, progress=lambda text: None):
+    """Everything the doctor finds, as one JSON-able dict."""
+    target = resolve(arguments.target, arguments.model_class, arguments.trust_remote_code)
+    children = []  # once the target builds: each flow without bufferfix, meanwhile, in a fresh interpreter
+    try:
+        with_fix = check.check_flows(target, progress, lambda: children.append(
+            unpatched.Child("bufferfix.tools.doctor", child_arguments(arguments))))
+        progress("asking bufferfix how it would recover each buffer of a build on meta...")
+        explained, meta_error = check.recoveries(target)
+    except BaseException:
+        for child in children:
+            child.kill()
+        raise
+    [child] = children
+    progress("waiting for the same flows without bufferfix (BUFFERFIX_DISABLE=1, fresh interpreter)...")
+    try:
+        without, without_error = child.result(), None
+    except unpatched.ChildFailed as error:
+        without, without_error = None, str(error)
+    random = set(with_fix["random"])
+    if explained is None:
+        entries = [{"name": name, "module_class": "?", "kind": "?", "shape": None, "dtype": None,
+                    "recovery": "unknown", "origin": None, "reason": None,
+                    "description": "the model does not build under torch.device('meta'): " + meta_error}
+                   for name in with_fix["buffers"]]
+    else:
+        entries = [_entry(name, tensor, recovery) for name, (tensor, recovery) in explained.items()]
+    from_pretrained_without = (without or {}).get("flows", {}).get(check.FROM_PRETRAINED)
+    for entry in entries:
+        entry["random"] = entry["name"] in random  # two normal builds (different seeds) differ
+        entry["transformers_init"] = None  # does from_pretrained give it back even without bufferfix?
+        if from_pretrained_without is not None and from_pretrained_without["error"] is None:
+            entry["transformers_init"] = entry["name"] not in from_pretrained_without["broken"]
+    flows_report = {}
+    for name, result in with_fix["flows"].items():
+        other = (without or {}).get("flows", {}).get(name)
+        flows_report[name] = {"with_bufferfix": result, "without_bufferfix": other,
+                              "verdict": _verdict(result, other, random)}
+    unrecoverable = [entry["name"] for entry in entries if entry["recovery"] == "cannot"]
+    wrong = [name for name, report in flows_report.items() if report["verdict"] == "wrong"]
+    return {
+        "target": arguments.target, "model": target.description, "buffers": entries,
+        "meta_build_error": meta_error, "flows": flows_report, "without_bufferfix_error": without_error,
+        "unrecoverable": unrecoverable, "wrong_with_bufferfix": wrong, "ok": not unrecoverable and not wrong,
+    }
+
+
+# --------------------------------------------------------------------------- as text
+
+def _class_name(origin):
+    """``"package.module.Class"`` -> ``"Class"``."""
+    return origin.rpartition(".")[2] if origin else ""
+
+
+def recovery_cell(entry):
+    """The table's words for one buffer, from its values: ``replay of LlamaRotaryEmbedding(...)``,
+    ``CANNOT: random``..."""
+    origin = _class_name(entry["origin"])
+    if entry["recovery"] == "cannot":
+        from bufferfix.recovery import Reason
+
+        member = Reason.__members__.get((entry["reason"] or "").upper())
+        reason = member.value if member else entry["reason"] or "?"
+        return "CANNOT: %s%s" % (reason, " (%s)" % origin if origin else "")
+    if entry["recovery"] == "replay" and origin:
+        return "replay of %s(...)" % origin
+    if entry["recovery"] == "recompute function" and origin:
+        return "recompute function of %s" % origin
+    return entry["recovery"]
+
+
+def _flow_cell(result, total, enabled, random):
+    if result is None:
+        return "not run"
+    if result["error"] is not None:
+        return ("error: " + result["error"])[:70]
+    if not total:
+        return "ok (no buffers)"
+    if not result["broken"]:
+        return "ok: %d/%d identical" % (total, total) if enabled else "ok: %d/%d identical (unaffected)" % (total, total)
+    shown = ", ".join(result["broken"][:2]) + (", ..." if len(result["broken"]) > 2 else "")
+    if enabled and set(result["broken"]) <= random:
+        return "random: %d/%d differ (%s)" % (len(result["broken"]), total, shown)
+    return "%s: %d/%d differ (%s)" % ("WRONG" if enabled else "broken", len(result["broken"]), total, shown)
+
+
+def _buffer_table(entries):
+    transformers_column = any(entry["transformers_init"] is not None for entry in entries)
+    rows = [("name", "module", "shape", "dtype", "recovery") + (("transformers init",) if transformers_column else ())]
+    for entry in entries:
+        row = (entry["name"] + (" (attribute)" if entry["kind"] == "attribute" else "")
+               + (" (random)" if entry["random"] else ""), entry["module_class"],
+               str(tuple(entry["shape"])) if entry["shape"] is not None else "?",
+               entry["dtype"] or "?", recovery_cell(entry))
+        if transformers_column:
+            row += ({True: "yes", False: "no", None: "?"}[entry["transformers_init"]],)
+        rows.append(row)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    lines = ["  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1] for row in rows]
+    if transformers_column:
+        lines.append("  (transformers init: does from_pretrained get it right even without bufferfix? Measured: "
+                     "transformers 5 recomputes the buffers its models' _init_weights know)")
+    return lines
+
+
+def format_report(report):
+    lines = ["bufferfix doctor: %s (%s)" % (report["target"], report["model"]), ""]
+    entries = report["buffers"]
+    if not entries:
+        lines.append("No non-persistent buffers: nothing for bufferfix to do; every flow only needs the checkpoint.")
+    else:
+        lines.append("Non-persistent buffers (%d); recovery as bufferfix would do it for a model built under "
+                     "torch.device('meta'):" % len(entries))
+        lines += _buffer_table(entries)
+        for entry in entries:
+            if entry["recovery"] == "cannot":
+                lines.append("  %s: %s" % (entry["name"], entry["description"]))
+    if report["meta_build_error"]:
+        lines.append("  The model does not build under torch.device('meta'): %s" % report["meta_build_error"])
+    total = len({entry["name"] for entry in entries})
+    random = {entry["name"] for entry in entries if entry["random"]}
+    lines += ["", "Flows, buffers compared bit for bit with a normal build (value, dtype, device):"]
+    width = max(len(name) for name in report["flows"]) + 1
+    cells = {name: (_flow_cell(flow["with_bufferfix"], total, True, random),
+                    _flow_cell(flow["without_bufferfix"], total, False, random))
+             for name, flow in report["flows"].items()}
+    middle = max([len("with bufferfix")] + [len(cell[0]) for cell in cells.values()]) + 1
+    lines.append("  %-*s %-*s %s" % (width, "flow", middle, "with bufferfix", "without bufferfix (BUFFERFIX_DISABLE=1)"))
+    for name, flow in report["flows"].items():
+        lines.append("  %-*s %-*s %s" % (width, name, middle, cells[name][0], cells[name][1]))
+        for warning in flow["with_bufferfix"]["warnings"]:
+            lines.append("  %-*s   bufferfix warned: %s" % (width, "", warning["description"]))
+    if random:
+        lines.append("  (random: %s: two normal builds with different seeds differ there; no flow can give back a "
+                     "particular build's values unless its real tensor survives)" % ", ".join(sorted(random)))
+    if report["without_bufferfix_error"]:
+        lines.append("  (without bufferfix: %s)" % report["without_bufferfix_error"])
+    lines.append("")
+    if report["ok"]:
+        lines.append("OK: bufferfix recovers every non-persistent buffer in every flow." if entries else "OK.")
+    else:
+        if report["unrecoverable"]:
+            lines.append("PROBLEM: bufferfix cannot recover %s; register a recompute function "
+                         "(bufferfix.register_recompute(ModuleClass, fn)) or build this model normally."
+                         % ", ".join(report["unrecoverable"]))
+        if report["wrong_with_bufferfix"]:
+            lines.append("PROBLEM: wrong even with bufferfix: %s." % ", ".join(report["wrong_with_bufferfix"]))
+    return "\n".join(lines)
