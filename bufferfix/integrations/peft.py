@@ -10,7 +10,9 @@ model built or loaded on meta gets them back through recompute functions registe
   the hook on CPU first, against a stand-in that keeps its writes (the live tuner is untouched and
   the values are PEFT's own), and those values are kept until materialisation asks for them;
 * ``PeftModel.prompt_tokens`` (prompt learning: ``arange(num_virtual_tokens * submodules)``);
-* FourierFT's ``indices`` (a ``randperm`` from ``random_loc_seed``'s own generator).
+* FourierFT's ``indices`` (a ``randperm`` from ``random_loc_seed``'s own generator);
+* UniLoRA's seeded indices and scales, which it moves to the base layer's device (meta) itself:
+  kept as snapshots when it does.
 """
 import inspect
 import logging
@@ -19,7 +21,7 @@ import weakref
 
 import torch
 
-from ..mechanism import recompute
+from ..mechanism import recompute, snapshots
 from .base import Integration, contained
 
 logger = logging.getLogger("bufferfix")
@@ -100,6 +102,26 @@ def _recompute_projections(buffer_dict):
     return dict(entry[1])
 
 
+def _update_scaling(wrapped, instance, args, kwargs):
+    """UniLoRA assigns its seeded indices and scales after injection, then moves them to the base
+    layer's device itself (tensor ``.to``): on a meta base, the values it moved are kept as snapshots."""
+    if not INTEGRATION.active:
+        return wrapped(*args, **kwargs)
+    move = contained(lambda: snapshots.MoveToMeta(instance), "snapshotting UniLoRA's indices")
+    result = wrapped(*args, **kwargs)
+    if move is not None:
+        contained(lambda: _keep_moved_scales(instance, move, *args, **kwargs), "snapshotting UniLoRA's scales")
+    return result
+
+
+def _keep_moved_scales(layer, move, adapter_name, unilora_scales_A, unilora_scales_B):
+    move.after()  # the indices: real before the call, moved to meta by it
+    for held, value in ((layer.unilora_scales_A, unilora_scales_A), (layer.unilora_scales_B, unilora_scales_B)):
+        live = held[adapter_name] if adapter_name in held else None
+        if isinstance(live, torch.Tensor) and isinstance(value, torch.Tensor):
+            snapshots.remember(live, value)
+
+
 def _recompute_prompt_tokens(peft_model):
     return {"prompt_tokens[%r]" % name: torch.arange(config.num_virtual_tokens * config.num_transformer_submodules).long()
             for name, config in peft_model.peft_config.items()
@@ -118,7 +140,8 @@ def _recompute_fourierft_indices(layer):
 class Peft(Integration):
     name = "peft"
     target = "peft"
-    patches = "peft (BaseTuner.inject_adapter; recompute functions for BufferDict, PeftModel, FourierFTLayer)"
+    patches = ("peft (BaseTuner.inject_adapter, UniLoraLayer.update_scaling; recompute functions for BufferDict, "
+               "PeftModel, FourierFTLayer)")
 
     def __init__(self):
         super().__init__()
@@ -143,6 +166,12 @@ class Peft(Integration):
         tuners = importlib.import_module("peft.tuners.tuners_utils")
         if self.require(tuners, "BaseTuner.inject_adapter"):
             self.wrap(tuners.BaseTuner, "inject_adapter", _inject_adapter)
+        try:
+            unilora = importlib.import_module("peft.tuners.unilora.layer")
+        except ImportError:
+            unilora = None
+        if unilora is not None and self.require(unilora, "UniLoraLayer.update_scaling"):
+            self.wrap(unilora.UniLoraLayer, "update_scaling", _update_scaling)
 
     def _uninstrument(self):
         while self._registered:

@@ -60,6 +60,13 @@ class MoveToMeta:
                 module.__dict__[attribute] = moved
 
 
+def remember(meta_tensor, real):
+    """A library moved ``real`` to meta itself (a tensor-level ``.to("meta")``, not ``Module.to``):
+    keep it as that meta tensor's snapshot (an integration that saw the move calls this)."""
+    if meta_tensor.is_meta and not real.is_meta:
+        _snapshots[meta_tensor] = real
+
+
 def recall(meta_tensor):
     return _snapshots.get(meta_tensor)
 
