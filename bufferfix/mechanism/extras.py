@@ -44,7 +44,7 @@ class Extras:
     def plan(self, modules):
         if not recording.has_any():
             return
-        built_on_meta = [module for module in modules if recording.recipe_of(module) is not None]
+        built_on_meta = [module for module in modules if recording.was_recorded(module)]
         for module in built_on_meta:
             for slot in containers.slots(module):
                 self.container_slots.setdefault(id(slot.tensor), []).append(slot)

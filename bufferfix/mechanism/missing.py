@@ -52,7 +52,7 @@ def candidates(modules):
         return []
     found = {}
     for module in modules:
-        if _expected(type(module)) and id(module) not in found and recording.recipe_of(module) is not None:
+        if _expected(type(module)) and id(module) not in found and recording.was_recorded(module):
             found[id(module)] = module
     return list(found.values())
 

@@ -154,6 +154,13 @@ def _prune():
     _prune_at = max(_PRUNE_AT_LEAST, 2 * len(_recorded))
 
 
+def was_recorded(module):
+    """Was ``module`` built on meta (and not yet materialised)?  Cheaper than :func:`recipe_of`,
+    which makes and interns the Recipe."""
+    entry = _recorded.get(id(module))
+    return entry is not None and entry[0]() is module
+
+
 def recipe_of(module):
     """The module's Recipe if it was built on meta (made from the raw record on first use)."""
     entry = _recorded.get(id(module))
