@@ -169,3 +169,29 @@ def test_replay_with_real_parameters_holds_one_module_at_a_time(flow, reference)
     replayed = max(block, _parameter_bytes(reference.rope))
     assert 0 < peak[0] <= replayed < _parameter_bytes(reference) / 4
     assert all(ref() is None for ref, _ in alive), "a replay's real parameters outlived it"
+
+
+class FromRandomParameterValue(nn.Module):
+    """A buffer computed from a randomly initialised parameter's *value*: a replay cannot know it."""
+
+    def __init__(self, dim=8):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(dim))
+        self.register_buffer("scale", self.weight.detach().abs() + 1, persistent=False)
+
+
+def test_a_buffer_from_a_random_parameter_value_is_named_not_guessed():
+    """Replaying with real parameters must not turn a random value into a guess: the two-seed
+    check sees it differ and bufferfix warns, naming the buffer."""
+    import bufferfix
+
+    torch.manual_seed(0)
+    normal = FromRandomParameterValue()
+    with torch.device("meta"):
+        model = FromRandomParameterValue()
+    with pytest.warns(bufferfix.UnrecoverableBufferWarning) as caught:
+        model.to_empty(device="cpu")
+    (recovery,) = [r for w in caught for r in w.message.recoveries]
+    assert (recovery.name, recovery.reason.name) == ("scale", "RANDOM")
+    model.load_state_dict(normal.state_dict())
+    assert broken_buffers(model, normal) == ["scale"]
