@@ -109,7 +109,7 @@ def main(argv=None):
             models = ["stand-in"]
     rows = [measure(model) for model in models]
     print("%-30s %10s %15s %17s %16s %6s %11s %6s" % (
-        "model", "params MB", "peak replay MB", "largest owner MB", "total replay MB", "alive", "to_empty s",
+        "model", "params MiB", "peak replay MiB", "largest owner MiB", "total replay MiB", "alive", "to_empty s",
         "exact"))
     for row in rows:
         print("%-30s %10.1f %15.2f %17.2f %16.1f %6d %11.2f %6s" % (
