@@ -358,5 +358,7 @@ def test_doctor_main_returns_the_exit_status(capsys):
 @needs_transformers
 def test_doctor_json_to_a_pipe_closed_early_never_prints_a_traceback():
     result = shell("bufferfix doctor bert --json | head -c 10")
-    assert result.stdout == "{\n \"target\""[:10] and result.stderr == "", result.stderr
+    # transformers may print notes of its own on stderr (torchao, when installed, does at import)
+    assert result.stdout == "{\n \"target\""[:10], result.stderr
+    assert "Traceback" not in result.stderr and "BrokenPipeError" not in result.stderr, result.stderr
     assert result.returncode in (0, 1)  # 0: the report fitted in the pipe before head left
