@@ -101,6 +101,12 @@ def test_demo_without_transformers_is_one_line_naming_the_pip_command():
                             "pip install 'bufferfix[transformers]'\n"
 
 
+def shows_the_closed_pipe(stderr):
+    """A traceback, or the interpreter's "Exception ignored" at exit.  Other lines may be there: a
+    library a target imports can print notes of its own (torchao, when installed, does at import)."""
+    return any(words in stderr for words in ("Traceback", "BrokenPipeError", "Exception ignored"))
+
+
 def test_output_to_a_closed_pipe_exits_quietly():
     # The reader is gone before the doctor writes anything: every write fails (EPIPE), deterministically.
     child = subprocess.Popen([sys.executable, "-m", "bufferfix", "doctor", "cli_targets:clean_model", "--json"],
@@ -108,11 +114,11 @@ def test_output_to_a_closed_pipe_exits_quietly():
     child.stdout.close()
     stderr = child.stderr.read().decode()
     assert child.wait(timeout=300) == 1
-    assert stderr == "", stderr
+    assert not shows_the_closed_pipe(stderr), stderr
     # As a user meets it: the reader leaves after 10 bytes, whenever that happens.
     for _ in range(3):
         result = shell("bufferfix doctor cli_targets:clean_model --json | head -c 10")
-        assert result.stdout == "{\n \"target\""[:10] and result.stderr == "", result.stderr
+        assert result.stdout == "{\n \"target\""[:10] and not shows_the_closed_pipe(result.stderr), result.stderr
         assert result.returncode in (0, 1)  # 0: the report fitted in the pipe before head left
 
 
@@ -360,5 +366,5 @@ def test_doctor_json_to_a_pipe_closed_early_never_prints_a_traceback():
     result = shell("bufferfix doctor bert --json | head -c 10")
     # transformers may print notes of its own on stderr (torchao, when installed, does at import)
     assert result.stdout == "{\n \"target\""[:10], result.stderr
-    assert "Traceback" not in result.stderr and "BrokenPipeError" not in result.stderr, result.stderr
+    assert not shows_the_closed_pipe(result.stderr), result.stderr
     assert result.returncode in (0, 1)  # 0: the report fitted in the pipe before head left
