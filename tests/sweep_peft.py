@@ -47,6 +47,8 @@ EXTRA = {
     "VERA": dict(r=4),
     "RANDLORA": dict(r=4),
     "C3A": dict(block_size=16),
+    "ROAD": dict(target_modules=["q_proj", "o_proj"]),  # out_features must divide by its group size (64)
+    "WAVEFT": dict(n_frequency=16),
     "XLORA": None,  # needs trained adapter checkpoints to mix
 }
 NO_TARGETS = {"PROMPT_TUNING", "MULTITASK_PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "CPT", "CARTRIDGE",

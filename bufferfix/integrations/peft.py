@@ -10,7 +10,7 @@ model built or loaded on meta gets them back through recompute functions registe
   the hook on CPU first, against a stand-in that keeps its writes (the live tuner is untouched and
   the values are PEFT's own), and those values are kept until materialisation asks for them;
 * ``PeftModel.prompt_tokens`` (prompt learning: ``arange(num_virtual_tokens * submodules)``);
-* FourierFT's ``indices`` (a ``randperm`` from ``random_loc_seed``'s own generator);
+* FourierFT's and WaveFT's ``indices`` (a ``randperm`` from ``random_loc_seed``'s own generator);
 * UniLoRA's seeded indices and scales, which it moves to the base layer's device (meta) itself:
   kept as snapshots when it does.
 """
@@ -128,20 +128,25 @@ def _recompute_prompt_tokens(peft_model):
             if getattr(config, "is_prompt_learning", False) and getattr(config, "num_transformer_submodules", None)}
 
 
-def _recompute_fourierft_indices(layer):
-    found = {}
-    for adapter, seed in layer.fourierft_random_loc_seed.items():
-        indices = torch.randperm(layer.out_features * layer.in_features,
-                                 generator=torch.Generator().manual_seed(seed))[:layer.fourierft_n_frequency[adapter]]
-        found["indices[%r]" % adapter] = torch.stack([indices // layer.in_features, indices % layer.in_features], dim=0)
-    return found
+def _seeded_indices(indices, seeds, counts):
+    """FourierFT's / WaveFT's ``indices``: ``randperm`` from each adapter's own seeded generator,
+    as (row, column) pairs (what their ``update_layer`` computes)."""
+    def recompute(layer):
+        found = {}
+        for adapter, seed in getattr(layer, seeds).items():
+            drawn = torch.randperm(layer.out_features * layer.in_features,
+                                   generator=torch.Generator().manual_seed(seed))[:getattr(layer, counts)[adapter]]
+            found["%s[%r]" % (indices, adapter)] = torch.stack([drawn // layer.in_features, drawn % layer.in_features])
+        return found
+
+    return recompute
 
 
 class Peft(Integration):
     name = "peft"
     target = "peft"
     patches = ("peft (BaseTuner.inject_adapter, UniLoraLayer.update_scaling; recompute functions for BufferDict, "
-               "PeftModel, FourierFTLayer)")
+               "PeftModel, FourierFTLayer, WaveFTLayer)")
 
     def __init__(self):
         super().__init__()
@@ -153,7 +158,10 @@ class Peft(Integration):
         for where, dotted, function in (
                 ("peft.tuners._buffer_dict", "BufferDict", _recompute_projections),
                 ("peft.peft_model", "PeftModel", _recompute_prompt_tokens),
-                ("peft.tuners.fourierft.layer", "FourierFTLayer", _recompute_fourierft_indices)):
+                ("peft.tuners.fourierft.layer", "FourierFTLayer",
+                 _seeded_indices("indices", "fourierft_random_loc_seed", "fourierft_n_frequency")),
+                ("peft.tuners.waveft.layer", "WaveFTLayer",
+                 _seeded_indices("waveft_indices", "waveft_random_loc_seed", "waveft_n_frequency"))):
             try:
                 owner = importlib.import_module(where)
             except ImportError:
