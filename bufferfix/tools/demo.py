@@ -194,8 +194,8 @@ def format_table(without, with_fix, trained_loss):
 
 def reported_note():
     """What transformers issue 36577 saw, for comparison (a different model and data: not the reference)."""
-    return ("transformers issue 36577, on its own model and data, saw loss %.3f through from_pretrained and "
-            "%s through %s: wrong results like this demo's 'without' column with --realistic-memory."
+    return ("transformers issue 36577, on its own model and data, saw loss %.3f through from_pretrained (right) "
+            "and %s through %s (wrong, like this demo's 'without' column with --realistic-memory)."
             % (REPORTED[FROM_PRETRAINED], " / ".join("%.3g" % REPORTED[n] for n in REPORTED if n != FROM_PRETRAINED),
                " / ".join(n for n in REPORTED if n != FROM_PRETRAINED)))
 
