@@ -102,7 +102,7 @@ def test_oom_in_the_third_layer_then_retry_and_load_is_exact():
 
 def test_oom_then_retry_is_silent_garbage_without_the_fault_handling(monkeypatch):
     """What the fault handling is for: without it the reported case keeps garbage, silently."""
-    monkeypatch.setattr(restore.Materialisation, "restore_after_error", lambda self, device=None: None)
+    monkeypatch.setattr(restore.Materialisation, "restore_after_error", lambda self, device=None: [])
     monkeypatch.setattr(restore, "left_unfilled", lambda tensor: None)
     reference, model = reference_and_meta()
     undo = fail_in_apply(model.layers[2].linear, RuntimeError(OOM))
