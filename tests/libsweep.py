@@ -33,15 +33,9 @@ ASSIGN = "load_state_dict(assign=True)"
 def bufferfix_enabled(enabled):
     if enabled:
         yield
-    elif hasattr(bufferfix, "disabled"):
+    else:
         with bufferfix.disabled():
             yield
-    else:  # before bufferfix.disabled() existed
-        bufferfix.disable()
-        try:
-            yield
-        finally:
-            assert bufferfix.enable()
 TIME_LIMIT_S = 240
 MEMORY_LIMIT = 4 * 2**30
 

@@ -313,16 +313,8 @@ def bufferfix_enabled(enabled):
     if enabled:
         yield
         return
-    disabled = getattr(bufferfix, "disabled", None)
-    if disabled is not None:
-        with disabled():
-            yield
-        return
-    bufferfix.disable()
-    try:
+    with bufferfix.disabled():
         yield
-    finally:
-        assert bufferfix.enable()
 
 
 def _error(exc):
