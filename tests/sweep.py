@@ -267,7 +267,7 @@ class _CannotBuild(Exception):
 @contextlib.contextmanager
 def time_limit(seconds):
     """SIGALRM-based: a hung or huge build becomes an exception (main thread, POSIX only)."""
-    if not hasattr(signal, "SIGALRM"):
+    if not hasattr(signal, "SIGALRM") or seconds is None:  # None: no limit
         yield
         return
 

@@ -26,12 +26,10 @@ reads as NaN / max-int and can never pass by luck.  Families are timm's model mo
 Nothing is downloaded: every model is built with ``pretrained=False``.
 """
 import argparse
-import contextlib
 import dataclasses
 import gc
 import json
 import os
-import signal
 import sys
 import time
 import traceback
@@ -45,10 +43,9 @@ if __package__ in (None, ""):  # run as a script: make `compare` importable like
 import bufferfix  # noqa: E402
 from bufferfix.flows import FLOWS, uninitialised_memory_is_poisoned  # noqa: E402
 
-try:  # the comparison helpers moved into the package at some point; the tests' copy otherwise
-    from bufferfix.tools.compare import identical, non_persistent_buffers, sharing, tensor_attributes  # noqa: E402
-except ImportError:  # pragma: no cover
-    from compare import identical, non_persistent_buffers, sharing, tensor_attributes  # noqa: E402
+from bufferfix.tools.compare import identical, non_persistent_buffers, sharing, tensor_attributes  # noqa: E402
+from libsweep import _names_differing, bufferfix_enabled  # noqa: E402  (shared with the other library sweeps)
+from sweep import _TimeLimit, time_limit  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: pretrained=False never downloads
 
@@ -149,11 +146,6 @@ def container_tensors(model):
                 if isinstance(item, torch.Tensor) and not isinstance(item, torch.nn.Parameter):
                     found["%s%s[%r]" % (path + "." if path else "", name, key)] = item
     return found
-
-
-def _names_differing(ours, theirs):
-    names = sorted(set(ours) ^ set(theirs))
-    return names + sorted(n for n in set(ours) & set(theirs) if not identical(ours[n], theirs[n]))
 
 
 def differences(model, reference):
@@ -284,38 +276,6 @@ class Result:
 
 
 # --------------------------------------------------------------------------- running the flows
-
-class _TimeLimit(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def time_limit(seconds):
-    """SIGALRM-based: a hung or huge build becomes an exception (main thread, POSIX only)."""
-    if not hasattr(signal, "SIGALRM") or seconds is None:
-        yield
-        return
-
-    def expired(signum, frame):
-        raise _TimeLimit("over the %d s time limit" % seconds)
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-@contextlib.contextmanager
-def bufferfix_enabled(enabled):
-    if enabled:
-        yield
-        return
-    with bufferfix.disabled():
-        yield
-
 
 def _error(exc):
     text = " / ".join(line.strip() for line in str(exc).strip().splitlines() if line.strip())
