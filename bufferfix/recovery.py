@@ -32,6 +32,7 @@ class Reason(enum.Enum):
     MODIFIED_IN_PLACE = "modified after construction"
     SHAPE_MISMATCH = "shape mismatch"
     RECOMPUTE_RAISED = "recompute function raised"
+    FROM_PRETRAINED_WEIGHT = "computed from a pretrained weight"  # an integration's verdict: no replay has it
     INTERRUPTED = "materialisation interrupted"  # the materialising call raised and the fill did not finish
     INTERNAL_ERROR = "internal error"
 

@@ -28,6 +28,9 @@ _REASONS = {
     Reason.MODIFIED_IN_PLACE: "it was modified in place after {origin}(...) returned",
     Reason.SHAPE_MISMATCH: "recovered value and materialised buffer differ in shape ({detail})",
     Reason.RECOMPUTE_RAISED: "recompute function for {origin} raised {detail}",
+    Reason.FROM_PRETRAINED_WEIGHT: "{origin} computes {detail!r} from its base layer's pretrained weight when "
+                                   "the adapter is made, and that weight was on meta: no replay or checkpoint "
+                                   "has it; make this adapter on a loaded base model",
     Reason.INTERRUPTED: "the materialising call raised before its value was written ({detail})",
     Reason.INTERNAL_ERROR: "bufferfix failed internally ({detail}); details in the 'bufferfix' log",
 }

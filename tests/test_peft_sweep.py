@@ -8,14 +8,17 @@ The full sweep (every tuner type PEFT registers; about a minute)::
     python -m pytest -m slow tests/test_peft_sweep.py            # or: python tests/sweep_peft.py
 """
 import functools
+import warnings
 
 import pytest
 
 pytest.importorskip("peft")
 pytest.importorskip("accelerate")
 
+import bufferfix  # noqa: E402
 import libsweep  # noqa: E402
 import sweep_peft  # noqa: E402
+from bufferfix.recovery import Reason  # noqa: E402
 
 SUBSET = {
     "peft.LORA": "LoRA layers over the base's rotary inv_freq",
@@ -27,8 +30,11 @@ SUBSET = {
     "peft.VERA(save_projection=True)": "projections saved: persistent",
     "peft.FOURIERFT": "indices: tensors in a dict attribute",
     "peft.PROMPT_TUNING": "prompt_tokens: tensors in a dict attribute of PeftModel",
+    "peft.UNILORA": "seeded indices and scales UniLoRA moves to the base layer's device (meta) itself, "
+                    "also back to meta after PeftModel.from_pretrained's load_state_dict(assign=True)",
 }
-CASES = libsweep.subset(sweep_peft.cases(), SUBSET)
+FROM_A_PRETRAINED_WEIGHT = ["peft.OSF", "peft.PSOFT", "peft.TRAINABLE_TOKENS"]  # unrecoverable by design
+CASES = libsweep.subset(sweep_peft.cases(), list(SUBSET) + FROM_A_PRETRAINED_WEIGHT)
 
 
 @functools.lru_cache(maxsize=None)
@@ -44,6 +50,32 @@ def test_subset_gives_the_reference_in_every_flow(name):
 @pytest.mark.parametrize("name", SUBSET)
 def test_subset_is_broken_without_bufferfix(name):
     libsweep.assert_broken_without_bufferfix(checked(name))
+
+
+@pytest.mark.parametrize("flow", ["torch.device('meta')", sweep_peft.GET_PEFT_MODEL_META,
+                                  sweep_peft.FROM_PRETRAINED_META])
+@pytest.mark.parametrize("name", FROM_A_PRETRAINED_WEIGHT)
+def test_buffers_computed_from_a_pretrained_weight_are_named_with_that_reason(name, flow):
+    """OSF / PSOFT / TrainableTokens compute these from the base layer's weight when the adapter is made:
+    each is named with Reason.FROM_PRETRAINED_WEIGHT (not a replay's generic verdict), and nothing else is."""
+    from bufferfix.integrations.peft import FROM_PRETRAINED_WEIGHT
+
+    case = CASES[name]
+    reference = case.build()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if flow in case.loaders:
+            case.loaders[flow](case.build, reference)
+        else:
+            libsweep.GENERIC_FLOWS[flow](case.build, reference.state_dict())
+    warned = [w.message for w in caught if isinstance(w.message, bufferfix.UnrecoverableBufferWarning)]
+    recoveries = [recovery for message in warned for recovery in message.recoveries]
+    declared = {attribute for _, _, attributes in FROM_PRETRAINED_WEIGHT for attribute in attributes}
+    assert recoveries, "nothing named"
+    assert {recovery.reason for recovery in recoveries} == {Reason.FROM_PRETRAINED_WEIGHT}
+    assert all(recovery.name.split(".")[-2] in declared for recovery in recoveries)
+    assert all(recovery.name in str(warned[0]) for recovery in recoveries)
+    assert "make this adapter on a loaded base model" in str(warned[0])
 
 
 @pytest.mark.slow

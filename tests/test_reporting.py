@@ -43,6 +43,23 @@ def test_random_buffer_is_reported_by_path_and_name():
     assert caught[0].filename == __file__  # attributed to the user's call, not to bufferfix
 
 
+def test_a_declared_verdict_names_only_the_declared_buffers():
+    from bufferfix.mechanism import recompute
+
+    recompute.declare_unrecoverable(RandomProjection, ["steps"], bufferfix.Reason.FROM_PRETRAINED_WEIGHT)
+    try:
+        model = meta_build(Holder)
+        with pytest.warns(bufferfix.UnrecoverableBufferWarning) as caught:
+            model.to_empty(device="cpu")
+    finally:
+        recompute.undeclare_unrecoverable(RandomProjection)
+    reasons = {recovery.name: recovery.reason for w in caught for recovery in w.message.recoveries}
+    assert reasons == {"random.steps": bufferfix.Reason.FROM_PRETRAINED_WEIGHT,  # replay would give it: declared
+                       "random.projection": bufferfix.Reason.RANDOM}  # not declared: its own verdict
+    assert "test_reporting.RandomProjection computes 'steps' from its base layer's pretrained weight" in str(
+        caught[0].message)
+
+
 def test_strict_mode_raises(strict):
     model = meta_build(Holder)
     with pytest.raises(bufferfix.UnrecoverableBufferError, match="random.projection"):

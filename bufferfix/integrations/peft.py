@@ -12,7 +12,14 @@ model built or loaded on meta gets them back through recompute functions registe
 * ``PeftModel.prompt_tokens`` (prompt learning: ``arange(num_virtual_tokens * submodules)``);
 * FourierFT's and WaveFT's ``indices`` (a ``randperm`` from ``random_loc_seed``'s own generator);
 * UniLoRA's seeded indices and scales, which it moves to the base layer's device (meta) itself:
-  kept as snapshots when it does.
+  kept as snapshots when it does (in ``update_scaling`` when it computes them, and in
+  ``_move_adapter_to_device_of_base_layer`` when ``PeftModel.from_pretrained(...,
+  low_cpu_mem_usage=True)`` moves them back to a meta base after its ``load_state_dict(assign=True)``
+  gave them their values).
+
+OSF's, PSOFT's and TrainableTokens' buffers are computed from the base layer's pretrained weight when
+the adapter is made (an SVD, a copy of embedding rows): on a meta base nothing can give them, and they
+are declared unrecoverable with :attr:`~bufferfix.recovery.Reason.FROM_PRETRAINED_WEIGHT`.
 """
 import inspect
 import logging
@@ -22,12 +29,21 @@ import weakref
 import torch
 
 from ..mechanism import recompute, snapshots
+from ..recovery import Reason
 from .base import Integration, contained
 
 logger = logging.getLogger("bufferfix")
 
 # id(BufferDict) -> (weakref to it, {adapter name: its value as a normal build computes it})
 _projections = {}
+
+# Tuner layers whose buffers (under these attributes) are computed from the base layer's pretrained weight
+FROM_PRETRAINED_WEIGHT = (
+    ("peft.tuners.osf.layer", "OSFLayer",
+     ("_osf_U_low_init", "_osf_S_low_init", "_osf_V_low_init", "_osf_U_high", "_osf_V_high")),
+    ("peft.tuners.psoft.layer", "PsoftLayer", ("_psoft_A_cache", "_psoft_B_cache")),
+    ("peft.tuners.trainable_tokens.layer", "TrainableTokensLayer", ("trainable_tokens_original",)),
+)
 
 
 class _StandIn:
@@ -114,6 +130,18 @@ def _update_scaling(wrapped, instance, args, kwargs):
     return result
 
 
+def _move_adapter(wrapped, instance, args, kwargs):
+    """UniLoRA moves its indices and scales to the base layer's device with tensor ``.to``: real ones
+    it moves to meta are kept as snapshots."""
+    if not INTEGRATION.active:
+        return wrapped(*args, **kwargs)
+    move = contained(lambda: snapshots.MoveToMeta(instance), "snapshotting UniLoRA's buffers")
+    result = wrapped(*args, **kwargs)
+    if move is not None:
+        contained(move.after, "snapshotting UniLoRA's buffers")
+    return result
+
+
 def _keep_moved_scales(layer, move, adapter_name, unilora_scales_A, unilora_scales_B):
     move.after()  # the indices: real before the call, moved to meta by it
     for held, value in ((layer.unilora_scales_A, unilora_scales_A), (layer.unilora_scales_B, unilora_scales_B)):
@@ -145,12 +173,14 @@ def _seeded_indices(indices, seeds, counts):
 class Peft(Integration):
     name = "peft"
     target = "peft"
-    patches = ("peft (BaseTuner.inject_adapter, UniLoraLayer.update_scaling; recompute functions for BufferDict, "
-               "PeftModel, FourierFTLayer, WaveFTLayer)")
+    patches = ("peft (BaseTuner.inject_adapter, UniLoraLayer.update_scaling, "
+               "UniLoraLayer._move_adapter_to_device_of_base_layer; recompute functions for BufferDict, PeftModel, "
+               "FourierFTLayer, WaveFTLayer)")
 
     def __init__(self):
         super().__init__()
         self._registered = []  # (class, function)
+        self._declared = []  # classes declared unrecoverable
 
     def _instrument(self, module):
         import importlib
@@ -171,6 +201,15 @@ class Peft(Integration):
                 cls = getattr(owner, dotted)
                 recompute.register_recompute(cls, function)
                 self._registered.append((cls, function))
+        for where, dotted, attributes in FROM_PRETRAINED_WEIGHT:
+            try:
+                owner = importlib.import_module(where)
+            except ImportError:
+                logger.info("bufferfix: peft has no %s (version %s); not patched", where, module.__version__)
+                continue
+            if self.require(owner, dotted):
+                recompute.declare_unrecoverable(getattr(owner, dotted), attributes, Reason.FROM_PRETRAINED_WEIGHT)
+                self._declared.append(getattr(owner, dotted))
         tuners = importlib.import_module("peft.tuners.tuners_utils")
         if self.require(tuners, "BaseTuner.inject_adapter"):
             self.wrap(tuners.BaseTuner, "inject_adapter", _inject_adapter)
@@ -178,14 +217,18 @@ class Peft(Integration):
             unilora = importlib.import_module("peft.tuners.unilora.layer")
         except ImportError:
             unilora = None
-        if unilora is not None and self.require(unilora, "UniLoraLayer.update_scaling"):
-            self.wrap(unilora.UniLoraLayer, "update_scaling", _update_scaling)
+        for method, wrapper in (("update_scaling", _update_scaling),
+                                ("_move_adapter_to_device_of_base_layer", _move_adapter)):
+            if unilora is not None and self.require(unilora, "UniLoraLayer." + method):
+                self.wrap(unilora.UniLoraLayer, method, wrapper)
 
     def _uninstrument(self):
         while self._registered:
             cls, function = self._registered.pop()
             if recompute.registered_recompute(cls) is function:
                 recompute.unregister_recompute(cls)
+        while self._declared:
+            recompute.undeclare_unrecoverable(self._declared.pop())
 
 
 INTEGRATION = Peft()

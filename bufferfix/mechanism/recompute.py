@@ -1,8 +1,12 @@
-"""The user's own rules: recompute functions and classes that must never be replayed."""
-from typing import Callable, Dict, Optional, Type
+"""The user's own rules: recompute functions and classes that must never be replayed; and an
+integration's verdict that some of a class's buffers cannot be recovered at all."""
+from typing import Callable, Dict, Iterable, Optional, Tuple, Type
+
+from ..recovery import Reason
 
 _recompute_functions: Dict[type, Callable] = {}  # class -> fn(module) -> {name: tensor}
 _never_replay = set()  # classes whose constructors must not be re-run
+_unrecoverable: Dict[type, Tuple[Reason, Tuple[str, ...]]] = {}  # class -> (why, its attributes it covers)
 
 
 def register_recompute(cls: Type, fn: Optional[Callable] = None):
@@ -40,3 +44,23 @@ def registered_recompute(cls: Type) -> Optional[Callable]:
 
 def forbids_replay(cls: Type) -> bool:
     return cls in _never_replay
+
+
+def declare_unrecoverable(cls: Type, attributes: Iterable[str], reason: Reason) -> None:
+    """The tensors under ``cls``'s ``attributes`` (buffers, or child modules such as a BufferDict)
+    cannot be recovered, for ``reason``: they are reported with it instead of whatever a replay of
+    an ancestor gives (an integration's verdict, e.g. a value computed from a pretrained weight)."""
+    _unrecoverable[cls] = (reason, tuple(attributes))
+
+
+def undeclare_unrecoverable(cls: Type) -> None:
+    _unrecoverable.pop(cls, None)
+
+
+def declared_unrecoverable(cls: Type, relative: str) -> Optional[Reason]:
+    """The declared reason for the tensor at ``relative`` (a path under a ``cls`` module), if any."""
+    for klass in cls.__mro__:
+        reason, attributes = _unrecoverable.get(klass, (None, ()))
+        if relative.partition(".")[0] in attributes:
+            return reason
+    return None

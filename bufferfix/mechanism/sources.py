@@ -41,6 +41,10 @@ def find(old, slots):
 def _recompute(module, name, live, attempts):
     tried = len(attempts)
     for owner, relative in recording.owners(module, name):
+        reason = recompute.declared_unrecoverable(type(owner), relative)
+        if reason is not None:  # the verdict replaces what nearer modules' replays said
+            attempts[tried:] = [Attempt(_qualified_class(type(owner)), reason, relative)]
+            return None
         function = recompute.registered_recompute(type(owner))
         if function is not None:  # the author's own recompute function comes first
             value = _call_recompute_function(function, owner, relative, attempts)
