@@ -192,7 +192,7 @@ def test_torch_nn_classes_left_unrecorded_make_no_non_persistent_buffers():
 
     from bufferfix.integrations import torch_nn
 
-    unrecorded = torch_nn._unrecorded_classes
+    unrecorded = torch_nn.INTEGRATION.unrecorded_classes
     assert {nn.Linear, nn.Embedding, nn.LayerNorm, nn.SiLU} <= unrecorded
     assert not {nn.Sequential, nn.ModuleList, nn.ModuleDict} & unrecorded  # containers: see torch_nn_own_classes
     sources = {cls: pathlib.Path(inspect.getsourcefile(cls)) for cls in unrecorded}

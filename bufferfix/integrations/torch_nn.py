@@ -6,6 +6,7 @@
 * ``Module.__new__``: while meta is the default device, record each constructor call.
 * ``Module.__deepcopy__``: a deep copy keeps the recipes and snapshots of the original.
 * a global parameter-registration hook: during a replay, parameters go to meta.
+* ``DeviceContext.__init__`` (``with torch.device(...)``): counted, see recording.meta_is_default_device.
 """
 import logging
 import threading
@@ -21,7 +22,6 @@ from .base import Integration, Restoring, contained, report
 logger = logging.getLogger("bufferfix")
 
 _local = threading.local()
-_unrecorded_classes = frozenset()  # see recording.torch_nn_own_classes
 
 
 def _device_of(device):
@@ -89,15 +89,9 @@ def _moving_to_meta(wrapped, instance, args, kwargs, recurse=True):
             contained(move.after, "snapshotting buffers", user_error=True)
 
 
-def _recording_new(cls, *args, **kwargs):
-    module = object.__new__(cls)
-    if INTEGRATION.active and cls not in _unrecorded_classes:
-        try:
-            if recording.should_record(kwargs) and not recipes.replaying():
-                recording.record_construction(module, cls, args, kwargs)
-        except Exception:  # noqa: BLE001 - never break construction
-            logger.exception("bufferfix: could not record the construction of %s", cls.__qualname__)
-    return module
+def _device_context_made(wrapped, instance, args, kwargs):
+    recording.device_context_made()
+    return wrapped(*args, **kwargs)
 
 
 def _deepcopy(self, memo):
@@ -143,25 +137,29 @@ class TorchNN(Integration):
     def __init__(self):
         super().__init__()
         self._parameter_hook = None  # the global parameter-registration hook (see recipes.parameters_to_meta)
+        self.unrecorded_classes = frozenset()  # see recording.torch_nn_own_classes
 
     def _instrument(self, module):
-        global _unrecorded_classes
-        _unrecorded_classes = recording.torch_nn_own_classes()
         self.wrap(nn.Module, "to_empty", _to_empty)
         self.wrap(nn.Module, "to", _to)
         self.wrap(nn.Module, "load_state_dict", _load_state_dict)
         current_new = nn.Module.__dict__.get("__new__")
-        if current_new is None or _is_ours(current_new, "_recording_new"):  # ours, maybe from before a reload
-            # CPython cannot take a __new__ back off a class once set (object.__new__ then rejects
-            # constructor arguments), so this pass-through stays for the life of the process and
-            # does nothing while bufferfix is disabled.
-            nn.Module.__new__ = staticmethod(_recording_new)
+        if current_new is None or getattr(getattr(current_new, "__func__", None), "bufferfix_hook", None):
+            # None, or ours (maybe from before an importlib.reload).  CPython cannot take a __new__
+            # back off a class once set (object.__new__ then rejects constructor arguments), so
+            # this pass-through stays for the life of the process, doing nothing while disabled.
+            self.unrecorded_classes = recording.torch_nn_own_classes()
+            nn.Module.__new__ = staticmethod(recording.constructor_hook(self, self.unrecorded_classes))
         else:
             logger.warning("bufferfix: nn.Module.__new__ is already %r; constructors built on meta will not be "
                            "recorded, so their buffers cannot be recomputed", current_new)
         if "__deepcopy__" not in nn.Module.__dict__ or _is_ours(nn.Module.__dict__["__deepcopy__"], "_deepcopy"):
             nn.Module.__deepcopy__ = _deepcopy
         self._parameter_hook = compat.register_parameter_hook(recipes.parameters_to_meta)
+        # Each `with torch.device(...)` makes a DeviceContext (called from C++): what recording kept
+        # about the default device may be stale then, and after any time spent switched off.
+        self.wrap(compat.DeviceContext, "__init__", _device_context_made)
+        recording.device_context_made()
 
     def _uninstrument(self):
         if _is_ours(nn.Module.__dict__.get("__deepcopy__"), "_deepcopy"):

@@ -38,7 +38,8 @@ class _ThreadState(threading.local):
     real_parameters = False  # this replay keeps its parameters real (see replay)
 
 
-_local = _ThreadState()
+_local = thread_state = _ThreadState()  # thread_state: read by the constructor hook (recording)
+replays_running = 0  # replays running in any thread: the constructor hook reads _local only when not 0
 logger = logging.getLogger("bufferfix")
 _replay_lock = threading.RLock()
 
@@ -162,6 +163,7 @@ def _refusal(value):
 
 _PLAIN, _CHECKED, _OBJECT = 0, 1, 2  # what an argument's type asks of argument_states
 _argument_kinds = {}  # type -> one of the three, decided once per type
+plain_argument_types = set(_VALUE_TYPE_SET)  # the types classified _PLAIN (see recording.constructor_hook)
 
 
 def _argument_kind(kind):
@@ -173,30 +175,41 @@ def _argument_kind(kind):
         found = _OBJECT  # an argument object (a config): its attributes are kept
     if len(_argument_kinds) < 10000:  # classes made on the fly: do not keep them all
         _argument_kinds[kind] = found
+        if found is _PLAIN:
+            plain_argument_types.add(kind)
     return found
 
 
 def argument_states(args, kwargs):
     """``((argument, copy of its attributes), ...)`` for argument objects (configs), or a refusal.
 
-    Runs for every module recorded, hence each argument type classified once."""
+    Runs for every module recorded that has an argument of a type not in
+    :data:`plain_argument_types` (a config), hence each argument type is classified once."""
     states = ()
     kinds = _argument_kinds
     for value in (*args, *kwargs.values()) if kwargs else args:
         kind = kinds.get(type(value))
-        if kind is None:
-            kind = _argument_kind(type(value))
         if kind is _PLAIN:
             continue
+        if kind is None:
+            kind = _argument_kind(type(value))
+            if kind is _PLAIN:
+                continue
         if kind is _CHECKED:
             refusal = _refusal(value)
             if refusal is not None:
                 return refusal
             continue
-        state = _state_of(value)
-        if state is not None:
+        try:
+            state = _generic_getattr(value, "__dict__")  # not the argument's own __getattribute__
+        except AttributeError:  # __slots__ only: nothing to keep
+            continue
+        if type(state) is dict:
             states += ((value, state.copy()),)
     return states
+
+
+_generic_getattr = object.__getattribute__
 
 
 def intern(cls, args, kwargs, default_dtype, states):
@@ -249,27 +262,32 @@ def parameters_to_meta(module, name, param):
 
 @contextlib.contextmanager
 def _isolated(default_dtype, device="cpu"):
-    """Run a constructor on ``device`` under ``default_dtype`` and leave no trace on global state."""
-    previous = replaying()
-    previous_dtype = torch.get_default_dtype()
-    python_rng = random.getstate()
-    numpy = sys.modules.get("numpy")
-    numpy_rng = numpy.random.get_state() if numpy is not None else None
-    _local.replaying = True
-    # A device context sends every torch call through Python (~50 us per replay): skip it when
-    # the default device is already the one wanted.
-    context = compat.device_context()
-    on_device = contextlib.nullcontext() if device == "cpu" and context is None else torch.device(device)
-    try:
-        with torch.random.fork_rng(devices=[]), on_device:
-            torch.set_default_dtype(default_dtype)
-            yield
-    finally:
-        torch.set_default_dtype(previous_dtype)
-        random.setstate(python_rng)
-        if numpy_rng is not None:
-            numpy.random.set_state(numpy_rng)
-        _local.replaying = previous
+    """Run a constructor on ``device`` under ``default_dtype`` and leave no trace on global state.
+    Holds the replay lock (re-entrant): replays fork the global RNG and count themselves."""
+    global replays_running
+    with _replay_lock:
+        previous = replaying()
+        previous_dtype = torch.get_default_dtype()
+        python_rng = random.getstate()
+        numpy = sys.modules.get("numpy")
+        numpy_rng = numpy.random.get_state() if numpy is not None else None
+        _local.replaying = True
+        replays_running += 1
+        # A device context sends every torch call through Python (~50 us per replay): skip it when
+        # the default device is already the one wanted.
+        context = compat.device_context()
+        on_device = contextlib.nullcontext() if device == "cpu" and context is None else torch.device(device)
+        try:
+            with torch.random.fork_rng(devices=[]), on_device:
+                torch.set_default_dtype(default_dtype)
+                yield
+        finally:
+            torch.set_default_dtype(previous_dtype)
+            random.setstate(python_rng)
+            if numpy_rng is not None:
+                numpy.random.set_state(numpy_rng)
+            _local.replaying = previous
+            replays_running -= 1
 
 
 def _construct(recipe, seed, real_parameters=False):

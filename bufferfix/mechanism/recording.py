@@ -12,6 +12,9 @@ materialised, and for modules materialised one at a time (FSDP1's ``param_init_f
 parent keeps its record until every descendant still on meta has been materialised,
 since a buffer its constructor put on a child can only come from replaying the parent.
 """
+import itertools
+import logging
+import threading
 import weakref
 
 import torch
@@ -19,6 +22,7 @@ from torch import nn
 
 from . import compat, recipes
 
+logger = logging.getLogger("bufferfix")
 _recorded = {}  # id(module) -> (weakref to the module, Recipe or raw construction tuple)
 _PRUNE_AT_LEAST = 4096
 _prune_at = _PRUNE_AT_LEAST
@@ -26,53 +30,116 @@ _parent_index = None  # id(child) -> (weakref to parent, attribute), built when 
 _awaiting = {}  # id(module) -> [weakref to the module, descendants still on meta]
 
 
-# --------------------------------------------------------------------------- is meta the default device?
+# --------------------------------------------------------------------------- is this module born on meta?
+
+def constructor_hook(switch, unrecorded_classes):
+    """The ``nn.Module.__new__`` that records constructions born (partly) on meta.
+
+    Every module of every model is constructed through it, on meta or not (a 70B model: a
+    thousand modules in ~70 ms), so it is one flat function with its lookups bound in advance
+    (the README's benchmark section gives what it costs, and where).  It records while
+    ``switch.active`` is true, never for ``unrecorded_classes`` (see :func:`torch_nn_own_classes`),
+    never in a replay, and when the module is born (partly) on meta:
+
+    * meta is the default device (``with torch.device("meta")``, ``set_default_device``): see
+      :func:`meta_is_default_device`;
+    * ``nn.Module.register_parameter`` is replaced by one that puts parameters on meta
+      (accelerate's ``init_empty_weights()`` / ``init_on_device("meta")`` and transformers' copy
+      of them): buffers stay real there, but one computed from a parameter or on a parameter's
+      device (timm's Swin ``attn_mask``) is born on meta;
+    * it gets a ``device="meta"`` argument (timm's ``create_model(..., device="meta")`` passes it
+      down to every module).
+
+    What it keeps is the raw call (class, arguments, default dtype, the argument objects'
+    attributes): a Recipe is made of it only if a buffer ever needs it.  Whatever goes wrong in
+    here is logged, never raised: construction must not break.
+    """
+    new = object.__new__
+    stack_length, thread_ident = compat.function_mode_stack_length, threading.get_ident
+    module_attributes = nn.Module.__dict__
+    original_register_parameter = _ORIGINAL_REGISTER_PARAMETER
+    thread, default_dtype, new_reference = recipes.thread_state, torch.get_default_dtype, weakref.ref
+    argument_states, plain_types = recipes.argument_states, recipes.plain_argument_types
+    recorded = _recorded
+
+    def recording_new(cls, *args, **kwargs):
+        global _parent_index
+        module = new(cls)
+        if cls in unrecorded_classes or not switch.active:
+            return module
+        try:
+            length = stack_length()
+            if length:
+                last = _last_mode_stack
+                if length == last[0] and device_contexts_made == last[1] and thread_ident() == last[2]:
+                    meta = last[3]
+                else:
+                    meta = _meta_on_mode_stack(length)
+            else:
+                meta = False
+            if not (meta
+                    or (module_attributes.get("register_parameter") is not original_register_parameter
+                        and parameters_put_on_meta())
+                    or (kwargs and "device" in kwargs and is_meta_device(kwargs["device"]))):
+                return module
+            if recipes.replays_running and thread.replaying:
+                return module
+            if kwargs and "device" in kwargs and is_meta_device(kwargs["device"]):
+                # Replays run on CPU: the normal build is the same call without device="meta".
+                kwargs = dict(kwargs, device=None)
+            if plain_types.issuperset(map(type, args)) and (not kwargs
+                                                            or plain_types.issuperset(map(type, kwargs.values()))):
+                states = ()  # values only (RMSNorm(4096, eps=1e-5)), decided in C: no argument object
+            else:
+                states = argument_states(args, kwargs)
+                if type(states) is str:  # refused: keep no arguments, they may hold the model itself alive
+                    args, kwargs = (), {}
+            recorded[id(module)] = (new_reference(module), (cls, args, kwargs, default_dtype(), states))
+            _parent_index = None  # the module tree changed
+            if len(recorded) > _prune_at:
+                _prune()
+        except Exception:  # noqa: BLE001 - never break construction
+            logger.exception("bufferfix: could not record the construction of %s", cls.__qualname__)
+        return module
+
+    recording_new.bufferfix_hook = "recording_new"  # recognised after importlib.reload, see torch_nn
+    return recording_new
+
 
 def meta_is_default_device():
-    """Is ``meta`` the default device (``with torch.device("meta")``, set_default_device)?
+    """Is ``meta`` the default device of this thread (``with torch.device("meta")``, set_default_device)?
 
-    Asked for every module constructed, so the answer is kept for as long as the torch-function
-    mode stack keeps its length and its top mode (one ``with torch.device("meta")`` block: one
-    walk of the stack).  The top is held, so its identity cannot be reused by another mode."""
-    global _last_mode_stack
+    Asked for every module constructed, so the answer is kept for as long as this thread's
+    torch-function mode stack keeps its length and no device context was made since (each
+    ``with torch.device(...)`` makes one: :func:`device_context_made`); then the stack is walked."""
     length = compat.function_mode_stack_length()
-    top = compat.function_mode_at(length - 1) if length else None
+    if not length:
+        return False
     last = _last_mode_stack
-    if top is last[1] and length == last[0] and top is not None:
-        return last[2]
+    if length == last[0] and device_contexts_made == last[1] and threading.get_ident() == last[2]:
+        return last[3]
+    return _meta_on_mode_stack(length)
+
+
+def _meta_on_mode_stack(length):
+    global _last_mode_stack
+    made = device_contexts_made  # read first: a context made while walking makes the answer stale
     context = compat.device_context()
-    meta = context is not None and _is_meta(context)
-    _last_mode_stack = (length, top, meta)
+    meta = context is not None and torch.device(context.device).type == "meta"
+    _last_mode_stack = (length, made, threading.get_ident(), meta)
     return meta
 
 
-def _is_meta(context):
-    global _last_device_context
-    if context is not _last_device_context[0]:  # device.type builds a string: ask once per context
-        _last_device_context = (context, torch.device(context.device).type == "meta")
-    return _last_device_context[1]
+def device_context_made():
+    """A ``DeviceContext`` was made (``with torch.device(...)``, ``set_default_device``, or the
+    integration was switched on): what :func:`meta_is_default_device` kept may be stale."""
+    global device_contexts_made
+    device_contexts_made = next(_numbers)  # next() is atomic: two threads never write the same number
 
 
-_last_mode_stack = (0, None, False)  # (stack length, top mode, is meta the default device?)
-_last_device_context = (None, False)
-
-
-def should_record(kwargs):
-    """Is a module being constructed now born (partly) on meta, so that its constructor call must
-    be kept?  Asked for every module constructed, so the cheapest checks come first:
-
-    * meta is the default device (``with torch.device("meta")``, ``set_default_device``);
-    * ``nn.Module.register_parameter`` is patched to put parameters on meta (accelerate's
-      ``init_empty_weights()`` / ``init_on_device("meta")`` and transformers' copy of them):
-      buffers stay real there, but one computed from a parameter or on a parameter's device
-      (timm's Swin ``attn_mask``) is born on meta;
-    * a ``device="meta"`` argument (timm's ``create_model(..., device="meta")`` passes it down to
-      every module).
-    """
-    return (meta_is_default_device() or parameters_put_on_meta()
-            or (bool(kwargs) and is_meta_device(kwargs.get("device"))))
-
-
+_numbers = itertools.count(1)
+device_contexts_made = 0
+_last_mode_stack = (0, 0, None, False)  # (stack length, device contexts made, thread, is meta the default device?)
 _ORIGINAL_REGISTER_PARAMETER = nn.Module.register_parameter
 _last_register_parameter = (_ORIGINAL_REGISTER_PARAMETER, False)
 
@@ -125,21 +192,6 @@ def torch_nn_own_classes():
 
 
 # --------------------------------------------------------------------------- the side table
-
-def record_construction(module, cls, args, kwargs):
-    """Called from ``nn.Module.__new__`` while meta is the default device: keep the raw call."""
-    global _parent_index
-    if kwargs and is_meta_device(kwargs.get("device")):
-        # Replays run on CPU: the normal build is the same call without device="meta".
-        kwargs = dict(kwargs, device=None)
-    states = recipes.argument_states(args, kwargs)
-    if type(states) is str:  # refused: keep no arguments, they may hold the model itself alive
-        args, kwargs = (), {}
-    _recorded[id(module)] = (weakref.ref(module), (cls, args, kwargs, torch.get_default_dtype(), states))
-    _parent_index = None  # the module tree changed
-    if len(_recorded) > _prune_at:
-        _prune()
-
 
 def _prune():
     """Entries are not removed when their module dies (a weakref callback per module costs more
