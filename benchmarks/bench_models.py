@@ -30,6 +30,22 @@ LLAMA = {
                  intermediate_size=128, vocab_size=256, max_position_embeddings=256, tie_word_embeddings=False),
 }
 
+# A DeepSeek-V3-shaped mixture of experts (hidden, expert and attention sizes as published), every
+# layer sparse: with transformers 4.x one module per expert (transformers 5 fuses them), so a
+# meta build constructs thousands of modules per layer.
+MOE = {
+    "deepseek-v3": dict(hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048, num_hidden_layers=2,
+                        first_k_dense_replace=0, n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8,
+                        n_group=8, topk_group=4, num_attention_heads=128, num_key_value_heads=128, q_lora_rank=1536,
+                        kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                        vocab_size=129280, max_position_embeddings=163840, tie_word_embeddings=False),  # 2 of its 61 layers
+    "deepseek-tiny": dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=1,
+                          first_k_dense_replace=0, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+                          n_group=2, topk_group=1, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32,
+                          kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16,
+                          vocab_size=256, max_position_embeddings=256, tie_word_embeddings=False),
+}
+
 # Per-layer-buffer decoder shapes.
 PERLAYER = {
     "perlayer": dict(vocab=32000, hidden=512, layers=16, heads=8, intermediate=1408, max_positions=512),
@@ -97,6 +113,7 @@ def build(spec, config=None):
 
     ``spec``: ``{"family": "llama"|"perlayer", "preset": name, "layers": int or None,
     "dtype": "bfloat16"|"float32", "hidden": int or None}``.  ``config`` reuses a LlamaConfig.
+    ``"moe"`` builds ``DeepseekV3ForCausalLM`` at a :data:`MOE` preset.
     """
     dtype = DTYPES[spec.get("dtype", "float32")]
     with default_dtype(dtype):
@@ -104,6 +121,10 @@ def build(spec, config=None):
             from transformers import LlamaForCausalLM
 
             return LlamaForCausalLM(config if config is not None else make_config(spec))
+        if spec["family"] == "moe":
+            from transformers import DeepseekV3ForCausalLM
+
+            return DeepseekV3ForCausalLM(config if config is not None else make_config(spec))
         shape = dict(PERLAYER[spec["preset"]])
         if spec.get("layers"):
             shape["layers"] = spec["layers"]
@@ -118,6 +139,10 @@ def make_config(spec):
         overrides["num_hidden_layers"] = spec["layers"]
     if spec.get("hidden"):
         overrides["hidden_size"] = spec["hidden"]
+    if spec["family"] == "moe":
+        from transformers import DeepseekV3Config
+
+        return DeepseekV3Config(**dict(MOE[spec["preset"]], **overrides))
     return llama_config(spec["preset"], **overrides)
 
 

@@ -5,8 +5,9 @@
 In one process, the same work is timed with bufferfix disabled, fully enabled, and enabled with
 one piece switched off at a time, alternating round by round; the difference to "enabled" is
 what that piece costs.  Then the per-call cost of each bufferfix hook is timed directly.
-Pieces: the nn.Module.__new__ recording (``recipes.record_construction``, ``meta_is_default_device``),
-the global parameter-registration hook (``parameters_to_meta``), and, at materialisation,
+Pieces: the nn.Module.__new__ recording (``recording.constructor_hook``; its instruction counts are
+in the README's benchmark section), the global parameter-registration hook (``parameters_to_meta``),
+and, at materialisation,
 ``Materialisation.__init__`` (plan), ``restore`` (of which ``recipes.forget_all`` and constructor
 replay).
 """
@@ -56,8 +57,6 @@ def without_parameter_hook():
 VARIANTS = {
     "disabled": bufferfix.disabled,
     "enabled": contextlib.nullcontext,
-    "enabled, record_construction no-op": lambda: patched(recording, "record_construction", lambda *a, **k: None),
-    "enabled, meta_is_default_device() -> False": lambda: patched(recording, "meta_is_default_device", lambda: False),
     "enabled, no parameter-registration hook": without_parameter_hook,
 }
 
@@ -132,17 +131,16 @@ def main(argv=None):
 
     # Per-call costs under torch.device("meta"), for the argument shapes a transformers model uses.
     print("\n== per-call costs (us), meta default device")
+    class Probe(nn.Module):
+        pass
+
+    hook = nn.Module.__dict__["__new__"].__func__
     with torch.device("meta"):
-        dummy = object.__new__(nn.Linear)
         layer_idx = 3
         rows = {
             "meta_is_default_device()": lambda: recording.meta_is_default_device(),
-            "record_construction(Linear, (2048, 2048), {bias: False})":
-                lambda: recording.record_construction(dummy, nn.Linear, (2048, 2048), {"bias": False}),
-            "record_construction(cls, (config,), {})  [interned hit]":
-                lambda: recording.record_construction(dummy, nn.Module, (config,), {}),
-            "record_construction(cls, (config, layer_idx), {})":
-                lambda: recording.record_construction(dummy, nn.Module, (config, layer_idx), {}),
+            "constructor hook, Module subclass, (config, layer_idx), recorded":
+                lambda: hook(Probe, config, layer_idx),
             "_argument_states((config, 3), {})  [copies vars(config)]":
                 lambda: recipes.argument_states((config, 3), {}),
             "_recipe_key_part((config, 3))  [at first use only]": lambda: recipes._recipe_key_part((config, 3)),
@@ -156,7 +154,7 @@ def main(argv=None):
             except AttributeError:  # a helper this version of bufferfix does not have
                 continue
             print("  %-75s %8.2f" % (name, cost))
-        with disabled():
+        with bufferfix.disabled():
             print("  %-75s %8.2f" % ("nn.Linear(64, 64) on meta, disabled", per_call(lambda: nn.Linear(64, 64), 500)))
         print("  vars(config) has %d attributes" % len(vars(config)))
 
@@ -189,9 +187,8 @@ def main(argv=None):
                 tf_integration.instrument(sys.modules["transformers.modeling_utils"])
 
         variants = {
-            "disabled": disabled,
+            "disabled": bufferfix.disabled,
             "enabled": contextlib.nullcontext,
-            "enabled, meta_is_default_device() -> False": VARIANTS["enabled, meta_is_default_device() -> False"],
             "enabled, no parameter-registration hook": VARIANTS["enabled, no parameter-registration hook"],
             "enabled, transformers integration removed": no_transformers_wrapper,
         }
@@ -221,7 +218,7 @@ def main(argv=None):
         model.to_empty(device="cpu")
         return time.perf_counter() - start
 
-    medians = time_variants(to_empty, args.rounds, {"disabled": disabled, "enabled": contextlib.nullcontext})
+    medians = time_variants(to_empty, args.rounds, {"disabled": bufferfix.disabled, "enabled": contextlib.nullcontext})
     with torch.device("meta"):
         probe = bench_models.build(spec1b, config1b)
     count = sum(1 for _ in probe.modules())

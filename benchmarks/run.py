@@ -8,18 +8,25 @@ Prints a table and writes JSON (``--json``, default ``benchmarks/results.json``,
 bufferfix / without, unless the row says otherwise) and, where the project set one, a
 ``target``.
 
-How the comparison is kept fair: two long-lived worker processes (``benchmarks/worker.py``)
-run side by side, identical except that one has ``BUFFERFIX_DISABLE=1`` (both import
-bufferfix, torch and transformers before any timing).  The runner alternates single
-repetitions between them in ABBA order, so both see the same machine load, and reports
-medians; ``paired_ratio`` (the median of per-round ratios) is given as a second estimate.
+How the comparison is kept fair: long-lived worker processes (``benchmarks/worker.py``) run
+side by side, identical except that one has bufferfix and the others ``BUFFERFIX_DISABLE=1``
+(all import bufferfix, torch and transformers before any timing; disabled, bufferfix patches
+nothing, so that side is plain torch).  The runner alternates single repetitions between them,
+rotating the order each round, so all see the same machine load.  A timing row gives the ratio
+of the medians (``ratio``) and of the fastest runs (``min_ratio``) over its interleaved rounds
+(40 or more for the recording and from_pretrained rows), and beside them the same two ratios
+for a second worker without bufferfix against the first (``aa_ratio`` / ``aa_min_ratio``, the
+A/A column): what this machine's noise alone does to a ratio in that run.  A target is met when
+both ratios are within it.
 Import-time rows use fresh interpreters, alternated the same way.  Interpreter start-up
 with the ``.pth`` hook (item 1) comes from ``benchmarks/startup.py`` when it exists.
 
 Items (numbers follow GitHub issue 7):
   1  start-up with the .pth hook (benchmarks/startup.py)
   2  ``import bufferfix`` vs ``import wrapt``, torch not imported            [<= 1.10]
-  3  Llama-3-70B-shaped LlamaForCausalLM built under torch.device("meta")    [<= 1.05]
+  3  Llama-3-70B-shaped LlamaForCausalLM built under torch.device("meta")    [<= 1.02]
+  3m DeepSeek-V3-shaped MoE (2 layers x 256 experts, one module per expert: transformers
+     4.x, workers run by --moe-python) built under torch.device("meta")       [<= 1.02]
   4  to_empty + load_state_dict of a Llama-3.2-1B-shaped bf16 model on CPU   [<= 1.02];
      growth from 1 to 80 layers and number of replays
   5  transformers from_pretrained of a saved small model                     [<= 1.02]
@@ -51,19 +58,21 @@ ROOT = HERE.parent
 
 FULL = {
     "import_runs": 40, "startup_runs": 30,
-    "meta_build": {"spec": {"family": "llama", "preset": "llama70b", "dtype": "bfloat16"}, "reps": 40},
+    "meta_build": {"spec": {"family": "llama", "preset": "llama70b", "dtype": "bfloat16"}, "reps": 45},
+    "moe_build": {"spec": {"family": "moe", "preset": "deepseek-v3", "dtype": "bfloat16"}, "reps": 40},
     "load": {"spec": {"family": "llama", "preset": "llama1b", "dtype": "bfloat16"}, "reps": 15, "slow_reps": 3},
     "perlayer": {"spec": {"family": "perlayer", "preset": "perlayer", "dtype": "float32"}, "reps": 7},
     "scaling": {"llama": {"family": "llama", "preset": "llama1b", "dtype": "bfloat16"},
                 "perlayer": {"family": "perlayer", "preset": "perlayer", "dtype": "float32"},
                 "layers": [1, 2, 4, 8, 16, 32, 80], "hidden": [512, 2048, 8192], "hidden_layers": 4, "reps": 7},
     "pretrained": {"spec": {"family": "llama", "preset": "small", "dtype": "float32"}, "reps": 60},
-    "pretrained_big": {"spec": {"family": "llama", "preset": "llama1b", "dtype": "bfloat16"}, "reps": 21},
+    "pretrained_big": {"spec": {"family": "llama", "preset": "llama1b", "dtype": "bfloat16"}, "reps": 40},
     "forward": {"tokens": 64, "reps": 40},
 }
 QUICK = {
     "import_runs": 6, "startup_runs": 3,
     "meta_build": {"spec": {"family": "llama", "preset": "tiny", "dtype": "bfloat16"}, "reps": 3},
+    "moe_build": {"spec": {"family": "moe", "preset": "deepseek-tiny", "dtype": "bfloat16"}, "reps": 2},
     "load": {"spec": {"family": "llama", "preset": "tiny", "dtype": "bfloat16"}, "reps": 3, "slow_reps": 2},
     "perlayer": {"spec": {"family": "perlayer", "preset": "perlayer-tiny", "dtype": "float32"}, "reps": 2},
     "scaling": {"llama": {"family": "llama", "preset": "tiny", "dtype": "bfloat16"},
@@ -73,7 +82,7 @@ QUICK = {
     "pretrained_big": {"spec": {"family": "llama", "preset": "tiny", "dtype": "bfloat16"}, "reps": 2},
     "forward": {"tokens": 16, "reps": 5},
 }
-ITEMS = ("1", "2", "3", "4", "5", "6", "7", "alt")
+ITEMS = ("1", "2", "3", "3m", "4", "5", "6", "7", "alt")
 
 # --------------------------------------------------------------------------- environment
 
@@ -112,14 +121,14 @@ class WorkerError(RuntimeError):
 
 
 class Worker:
-    def __init__(self, name, enabled, threads, log_dir):
+    def __init__(self, name, enabled, threads, log_dir, python=sys.executable):
         env = clean_env(BENCH_THREADS=str(threads))
         if not enabled:
             env["BUFFERFIX_DISABLE"] = "1"
         self.name = name
         self.log_path = Path(log_dir) / ("worker-%s.log" % name)
         self._log = open(self.log_path, "w")
-        self.process = subprocess.Popen([sys.executable, str(HERE / "worker.py")], cwd=str(HERE), env=env,
+        self.process = subprocess.Popen([python, str(HERE / "worker.py")], cwd=str(HERE), env=env,
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
                                         text=True, bufsize=1)
 
@@ -226,14 +235,36 @@ class Report:
                           "note": "ERROR", "error": message})
 
 
-def timing_row(report, row_id, item, name, with_runs, without_runs, target, note=None, **details):
+def timing_row(report, row_id, item, name, with_runs, without_runs, target, note=None, aa_runs=None, **details):
+    """A with / without row.  ``ratio`` is the ratio of the medians, ``min_ratio`` that of the fastest
+    runs; ``aa_runs`` (a second worker without bufferfix, interleaved with the two) give the same
+    two ratios for two identical sides: how far from 1.00 this machine's noise alone moves them.
+    The target is met when both ratios are within it."""
     w, o = seconds(with_runs), seconds(without_runs)
     mw, mo = median(w), median(o)
-    return report.add(row_id, item, name, round(mo * 1e3, 3), round(mw * 1e3, 3), ratio(mw, mo), target,
-                      reps=min(len(w), len(o)), note=note, paired_ratio=_round(paired_ratio(w, o)),
-                      overhead_ms=round((mw - mo) * 1e3, 3),
-                      samples_without_ms=[round(x * 1e3, 3) for x in o], samples_with_ms=[round(x * 1e3, 3) for x in w],
-                      min_without_ms=round(min(o) * 1e3, 3), min_with_ms=round(min(w) * 1e3, 3), **details)
+    median_ratio, min_ratio = ratio(mw, mo), ratio(min(w), min(o))
+    if aa_runs:
+        a = seconds(aa_runs)
+        details.update(aa_ratio=_round(ratio(median(a), mo)), aa_min_ratio=_round(ratio(min(a), min(o))),
+                       samples_aa_ms=[round(x * 1e3, 3) for x in a])
+    row = report.add(row_id, item, name, round(mo * 1e3, 3), round(mw * 1e3, 3), median_ratio, target,
+                     reps=min(len(w), len(o)), note=note, paired_ratio=_round(paired_ratio(w, o)),
+                     min_ratio=_round(min_ratio), overhead_ms=round((mw - mo) * 1e3, 3),
+                     samples_without_ms=[round(x * 1e3, 3) for x in o], samples_with_ms=[round(x * 1e3, 3) for x in w],
+                     min_without_ms=round(min(o) * 1e3, 3), min_with_ms=round(min(w) * 1e3, 3), **details)
+    if target is not None and min_ratio is not None and row["meets_target"]:
+        row["meets_target"] = min_ratio <= target
+    return row
+
+
+def three_way(on, off, aa, task, args, reps):
+    """Interleave ``task`` on the worker with bufferfix, the one without, and the A/A one."""
+    jobs = [{"label": "with", "worker": on, "task": task, "args": args, "reps": reps},
+            {"label": "without", "worker": off, "task": task, "args": args, "reps": reps}]
+    if aa is not None:
+        jobs.append({"label": "aa", "worker": aa, "task": task, "args": args, "reps": reps})
+    results = interleave(jobs)
+    return results, results["aa"]["runs"] if aa is not None else None
 
 
 def _round(value, digits=4):
@@ -306,19 +337,39 @@ def item2_import(report, sizes, tmp):
                bufferfix_enabled=state[1] == "True" if len(state) > 1 else None)
 
 
-def item3_meta_build(report, sizes, on, off, profile):
+def item3_meta_build(report, sizes, on, off, aa, profile):
     size = sizes["meta_build"]
     spec = size["spec"]
-    results = interleave([
-        {"label": "with", "worker": on, "task": "meta_build", "args": {"spec": spec}, "reps": size["reps"]},
-        {"label": "without", "worker": off, "task": "meta_build", "args": {"spec": spec}, "reps": size["reps"]},
-    ])
+    results, aa_runs = three_way(on, off, aa, "meta_build", {"spec": spec}, size["reps"])
     first = results["with"]["runs"][0]
     timing_row(report, "3", "3", "LlamaForCausalLM(%s) under torch.device('meta')" % spec["preset"],
-               results["with"]["runs"], results["without"]["runs"], 1.05,
+               results["with"]["runs"], results["without"]["runs"], 1.02, aa_runs=aa_runs,
                modules=first["modules"], recipes_recorded=first["recipes_recorded"])
     if profile:
         report.sections["profile_meta_build"] = on.call("profile", spec=spec)["text"]
+
+
+def item3_moe(report, sizes, threads, tmp, python):
+    """The many-module case: a DeepSeek-V3-shaped MoE with one module per expert (transformers 4.x),
+    in workers run by ``python`` (an interpreter whose transformers is 4.x)."""
+    size = sizes["moe_build"]
+    spec = size["spec"]
+    workers = [Worker("moe-enabled", True, threads, tmp, python), Worker("moe-disabled", False, threads, tmp, python),
+               Worker("moe-aa", False, threads, tmp, python)]
+    try:
+        for worker in workers:
+            worker.wait_ready()
+        info = workers[0].call("info")
+        results, aa_runs = three_way(*workers, "meta_build", {"spec": spec}, size["reps"])
+    finally:
+        for worker in workers:
+            worker.close()
+    first = results["with"]["runs"][0]
+    timing_row(report, "3m", "3", "DeepseekV3ForCausalLM(%s, %d experts per layer) under torch.device('meta'), "
+               "transformers %s" % (spec["preset"], 256 if spec["preset"] == "deepseek-v3" else 8,
+                                    info.get("transformers")),
+               results["with"]["runs"], results["without"]["runs"], 1.02, aa_runs=aa_runs,
+               modules=first["modules"], recipes_recorded=first["recipes_recorded"])
 
 
 def _materialise_jobs(spec, flow, on, off, reps, slow_reps, approaches):
@@ -498,20 +549,15 @@ def item4_scaling(report, sizes, on, off):
                        / (last["modules_with_np_buffers"] - first["modules_with_np_buffers"]), 2)}
 
 
-def item5_from_pretrained(report, sizes, on, off, tmp, key="pretrained", row_id="5"):
+def item5_from_pretrained(report, sizes, on, off, aa, tmp, key="pretrained", row_id="5"):
     size = sizes[key]
     spec = size["spec"]
     path = str(Path(tmp) / ("saved-model-" + key))
     saved = off.call("save_pretrained", spec=spec, path=path, constant=key != "pretrained")
-    results = interleave([
-        {"label": "with", "worker": on, "task": "from_pretrained", "args": {"spec": spec, "path": path},
-         "reps": size["reps"]},
-        {"label": "without", "worker": off, "task": "from_pretrained", "args": {"spec": spec, "path": path},
-         "reps": size["reps"]},
-    ])
+    results, aa_runs = three_way(on, off, aa, "from_pretrained", {"spec": spec, "path": path}, size["reps"])
     timing_row(report, row_id, "5", "from_pretrained of a saved %s Llama, %s (%d modules)"
                % (spec["preset"], spec["dtype"], saved["modules"]),
-               results["with"]["runs"], results["without"]["runs"], 1.02,
+               results["with"]["runs"], results["without"]["runs"], 1.02, aa_runs=aa_runs,
                replays=results["with"]["runs"][0]["counters"]["replays"],
                with_correct=results["with"]["warmup"]["correct"],
                without_correct=results["without"]["warmup"]["correct"])
@@ -568,7 +614,7 @@ def _correct_cell(row):
 
 
 def print_table(report, stream=sys.stdout):
-    header = ("id", "measurement", "without", "with", "ratio", "target", "ok", "correct")
+    header = ("id", "measurement", "without", "with", "ratio", "min ratio", "A/A", "target", "ok", "correct")
     lines = []
     for row in report.rows:
         target = "-" if row["target"] is None else ("%g" % row["target"])
@@ -578,8 +624,10 @@ def print_table(report, stream=sys.stdout):
         unit = row["unit"] or ""
         name = row["name"] + ("" if unit in ("", "bytes", "replays") else " [%s]" % unit)
         correct = _correct_cell(row)
+        aa = "-" if row.get("aa_ratio") is None else "%.3f / %.3f" % (row["aa_ratio"], row["aa_min_ratio"])
         lines.append((row["id"], name, _fmt(row["without"], unit), _fmt(row["with"], unit),
-                      "-" if row["ratio"] is None else "%.3f" % row["ratio"], target, ok, correct))
+                      "-" if row["ratio"] is None else "%.3f" % row["ratio"],
+                      "-" if row.get("min_ratio") is None else "%.3f" % row["min_ratio"], aa, target, ok, correct))
     widths = [max(len(str(line[i])) for line in [header] + lines) for i in range(len(header))]
     widths[1] = min(widths[1], 96)
     fmt = "  ".join("%%-%ds" % w if i < 2 else "%%%ds" % w for i, w in enumerate(widths))
@@ -616,6 +664,9 @@ def main(argv=None):
     parser.add_argument("--reps-scale", type=float, default=1.0, help="multiply repetition counts")
     parser.add_argument("--profile", action="store_true", help="cProfile bufferfix during the meta build")
     parser.add_argument("--no-startup", action="store_true", help="skip item 1 (benchmarks/startup.py)")
+    parser.add_argument("--moe-python", default=str(ROOT / ".venv-t4" / "bin" / "python"),
+                        help="interpreter with transformers 4.x for item 3m (one module per expert); "
+                             "default .venv-t4/bin/python (the floors CI leg's set-up)")
     parser.add_argument("--calibrate", action="store_true",
                         help="A/A run: both workers without bufferfix, so every ratio shows only this machine's "
                              "noise (how far from 1.00 a ratio can land when nothing differs)")
@@ -655,15 +706,17 @@ def main(argv=None):
             except Exception as error:  # noqa: BLE001
                 report.error("2", "2", "import bufferfix vs import wrapt", str(error))
         needs_workers = items & {"3", "4", "5", "6", "7", "alt"}
-        on = off = None
+        on = off = aa = None
         if needs_workers:
             step("starting workers")
             on = Worker("enabled", not args.calibrate, args.threads, tmp)
             off = Worker("disabled", False, args.threads, tmp)
+            aa = Worker("disabled-aa", False, args.threads, tmp)
         try:
             if needs_workers:
                 on.wait_ready()
                 off.wait_ready()
+                aa.wait_ready()
                 meta["workers"] = {"enabled": on.call("info"), "disabled": off.call("info")}
                 if meta["workers"]["enabled"]["enabled"] is args.calibrate or meta["workers"]["disabled"]["enabled"]:
                     raise WorkerError("worker set-up wrong: %r" % meta["workers"])
@@ -678,7 +731,7 @@ def main(argv=None):
                     return None
 
             if "3" in items:
-                guarded("3: meta build", item3_meta_build, report, sizes, on, off, args.profile)
+                guarded("3: meta build", item3_meta_build, report, sizes, on, off, aa, args.profile)
             if items & {"4", "alt", "7"}:
                 guarded("4/alt: to_empty + load_state_dict, and today's alternatives", item4_load_and_alternatives,
                         report, sizes, on, off, items, memory_rows)
@@ -693,17 +746,28 @@ def main(argv=None):
                 guarded("4: scaling 1..N layers", item4_scaling, report, sizes, on, off)
             saved = None
             if items & {"5", "6"}:
-                saved = guarded("5: from_pretrained", item5_from_pretrained, report, sizes, on, off, tmp)
+                saved = guarded("5: from_pretrained", item5_from_pretrained, report, sizes, on, off, aa, tmp)
             if "6" in items and saved:
                 guarded("6: forward", item6_forward, report, sizes, on, off, *saved)
             if "5" in items:
-                guarded("5b: from_pretrained (1B)", item5_from_pretrained, report, sizes, on, off, tmp,
+                guarded("5b: from_pretrained (1B)", item5_from_pretrained, report, sizes, on, off, aa, tmp,
                         "pretrained_big", "5b")
                 shutil.rmtree(Path(tmp) / "saved-model-pretrained_big", ignore_errors=True)
         finally:
-            for worker in (on, off):
+            for worker in (on, off, aa):
                 if worker is not None:
                     worker.close()
+        if "3m" in items:
+            step("3m: MoE meta build (transformers 4.x workers: %s)" % args.moe_python)
+            if Path(args.moe_python).exists():
+                try:
+                    item3_moe(report, sizes, args.threads, tmp, args.moe_python)
+                except Exception as error:  # noqa: BLE001
+                    report.error("3m", "3", "MoE meta build", "%s: %s" % (type(error).__name__, error))
+            else:
+                report.sections.setdefault("not_run", {})["3m"] = "no interpreter %s (--moe-python)" % args.moe_python
+                step("3m: not run, no interpreter %s (--moe-python names one with transformers 4.x)"
+                     % args.moe_python)
 
     meta["load_average_end"] = load_average()
     meta["wall_seconds"] = round(time.time() - started, 1)

@@ -314,7 +314,7 @@ def _drop(model):
 
 def task_meta_build(spec, warmup=False):
     config = STATE.setdefault("cfg:" + _spec_key(spec),
-                              bench_models.make_config(spec) if spec["family"] == "llama" else None)
+                              bench_models.make_config(spec) if spec["family"] in ("llama", "moe") else None)
     gc.collect()
     start = time.perf_counter()
     with torch.device("meta"):

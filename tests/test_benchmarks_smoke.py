@@ -49,6 +49,17 @@ def test_every_row_has_a_numeric_ratio_and_no_error(results):
         assert isinstance(row["ratio"], (int, float)) and math.isfinite(row["ratio"]), row
 
 
+def test_timing_rows_give_both_ratios_and_an_a_a_row(results):
+    """Issue 16's method: ratio of the medians, of the fastest runs, and the same two for a second
+    worker without bufferfix (A/A), in the same interleaved run."""
+    data, _ = results
+    rows = {row["id"]: row for row in data["rows"]}
+    for row_id in ("3", "5", "5b") + (("3m",) if "3m" in rows else ()):
+        for key in ("ratio", "min_ratio", "aa_ratio", "aa_min_ratio"):
+            assert isinstance(rows[row_id][key], float) and math.isfinite(rows[row_id][key]), (row_id, key)
+        assert len(rows[row_id]["samples_aa_ms"]) == len(rows[row_id]["samples_without_ms"])
+
+
 def test_correctness_is_reported(results):
     """Not timings: what each approach leaves in the buffers is deterministic, so it is checked."""
     data, _ = results
