@@ -559,6 +559,10 @@ def item5_from_pretrained(report, sizes, on, off, aa, tmp, key="pretrained", row
                % (spec["preset"], spec["dtype"], saved["modules"]),
                results["with"]["runs"], results["without"]["runs"], 1.02, aa_runs=aa_runs,
                replays=results["with"]["runs"][0]["counters"]["replays"],
+               # bufferfix's own time inside the load (plan + restore, timed in the worker), per load:
+               # the part of the difference that is not recording during the meta build
+               plan_restore_ms=round(median([run["counters"]["plan_s"] + run["counters"]["restore_s"]
+                                             for run in results["with"]["runs"]]) * 1e3, 3),
                with_correct=results["with"]["warmup"]["correct"],
                without_correct=results["without"]["warmup"]["correct"])
     return path, spec
