@@ -47,6 +47,38 @@ class HoldsASchedule(nn.Module):
         return self.proj(x) * self.schedule.alphas_cumprod[3]
 
 
+class Settings:
+    """A config-like plain object without tensors, held by every module (as transformers' configs are)."""
+
+    def __init__(self):
+        self.hidden, self.options = 4, {"scale": 2.0, "names": ["a", "b"]}
+
+
+class HoldsATuple(nn.Module):
+    def __init__(self, settings):
+        super().__init__()
+        self.settings = settings
+        self.proj = nn.Linear(4, 4)
+        self.tables = (torch.arange(4.0), torch.ones(2))
+
+    def forward(self, x):
+        return self.proj(x) * self.tables[0]
+
+
+class SharesObjects(nn.Module):
+    """Every module holds the same tensor-free settings (walked once per plan: containers.slots),
+    and each its own tuple of tensors, found and filled per module all the same."""
+
+    def __init__(self):
+        super().__init__()
+        self.settings = Settings()
+        self.first = HoldsATuple(self.settings)
+        self.second = HoldsATuple(self.settings)
+
+    def forward(self, x):
+        return self.first(x) + self.second(x) * self.second.tables[1][0]
+
+
 class RopeInitOffMeta(nn.Module):
     """Registers its buffers in rope_init(), which returns early on meta (torchtune's Llama3ScaledRoPE)."""
 
@@ -109,6 +141,8 @@ CASES = {
     "list / dict of tensors": libsweep.Case("ListOfTables", ListOfTables, inputs=lambda m: dict(x=torch.ones(2, 10))),
     "tensors in a plain object": libsweep.Case("HoldsASchedule", HoldsASchedule,
                                                inputs=lambda m: dict(x=torch.ones(2, 4))),
+    "a plain object shared by modules": libsweep.Case("SharesObjects", SharesObjects,
+                                                      inputs=lambda m: dict(x=torch.ones(2, 4))),
     "buffers registered only off meta": libsweep.Case("WithRope", WithRope, inputs=lambda m: dict(x=torch.ones(2, 4))),
 }
 

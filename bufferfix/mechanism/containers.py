@@ -55,29 +55,38 @@ def _children(value):
     return [(("field", key), item) for key, item in list(vars(value).items())]
 
 
-def slots(module, wanted=lambda tensor: tensor.is_meta):
-    """Every :class:`Slot` of ``module``'s container attributes holding a tensor ``wanted`` says yes to."""
+def slots(module, wanted=lambda tensor: tensor.is_meta, empty=None):
+    """Every :class:`Slot` of ``module``'s container attributes holding a tensor ``wanted`` says yes to.
+
+    ``empty``: a dict shared by the calls of one plan, ``id(object) -> depth``: objects found to hold
+    no wanted tensor within that depth are not walked again (the config every transformers module
+    holds: walked once per plan, not once per module).  The objects stay alive while the plan runs
+    (their modules hold them), so an id cannot be reused in between."""
     found = []
+    empty = {} if empty is None else empty
     for attribute, value in list(vars(module).items()):
         if attribute in _MODULE_INTERNALS or isinstance(value, (torch.Tensor, torch.nn.Module, _SCALARS)):
             continue
         if _container(value) or _plain_object(value):
-            _walk(module, attribute, value, (), wanted, found, {id(module)}, MAX_DEPTH)
+            _walk(module, attribute, value, (), wanted, found, {id(module)}, MAX_DEPTH, empty)
     return found
 
 
-def _walk(module, attribute, value, steps, wanted, found, seen, depth):
+def _walk(module, attribute, value, steps, wanted, found, seen, depth, empty):
     if isinstance(value, torch.Tensor):
         if not isinstance(value, torch.nn.Parameter) and wanted(value):
             found.append(Slot(module, attribute, steps, value))
         return
     if depth == 0 or isinstance(value, (torch.nn.Module, _SCALARS)) or id(value) in seen:
         return
-    if not (_container(value) or _plain_object(value)):
+    if empty.get(id(value), -1) >= depth or not (_container(value) or _plain_object(value)):
         return
     seen.add(id(value))
+    before = len(found)
     for step, item in _children(value):
-        _walk(module, attribute, item, steps + (step,), wanted, found, seen, depth - 1)
+        _walk(module, attribute, item, steps + (step,), wanted, found, seen, depth - 1, empty)
+    if len(found) == before:
+        empty[id(value)] = max(depth, empty.get(id(value), -1))
 
 
 def resolve(module, attribute, steps):

@@ -45,8 +45,9 @@ class Extras:
         if not recording.has_any():
             return
         built_on_meta = [module for module in modules if recording.was_recorded(module)]
+        empty = {}  # objects holding no meta tensor, walked once for all modules (see containers.slots)
         for module in built_on_meta:
-            for slot in containers.slots(module):
+            for slot in containers.slots(module, empty=empty):
                 self.container_slots.setdefault(id(slot.tensor), []).append(slot)
         self.missing = missing.candidates(built_on_meta)
 
