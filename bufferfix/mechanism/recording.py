@@ -68,7 +68,7 @@ def constructor_hook(switch, unrecorded_classes):
         if cls in unrecorded_classes or not switch.active:
             return module
         try:
-            length = stack_length()
+            length = stack_length()  # meta_is_default_device(), inlined: this is the hot path
             if length:
                 last = _last_mode_stack
                 if length == last[0] and device_contexts_made == last[1] and thread_ident() == last[2]:
@@ -77,15 +77,14 @@ def constructor_hook(switch, unrecorded_classes):
                     meta = _meta_on_mode_stack(length)
             else:
                 meta = False
-            if not (meta
+            meta_argument = bool(kwargs) and "device" in kwargs and is_meta_device(kwargs["device"])
+            if not (meta or meta_argument
                     or (module_attributes.get("register_parameter") is not original_register_parameter
-                        and parameters_put_on_meta())
-                    or (kwargs and "device" in kwargs and is_meta_device(kwargs["device"]))):
+                        and parameters_put_on_meta())):
                 return module
             if recipes.replays_running and thread.replaying:
                 return module
-            if kwargs and "device" in kwargs and is_meta_device(kwargs["device"]):
-                # Replays run on CPU: the normal build is the same call without device="meta".
+            if meta_argument:  # replays run on CPU: the normal build is the same call without device="meta"
                 kwargs = dict(kwargs, device=None)
             if plain_types.issuperset(map(type, args)) and (not kwargs
                                                             or plain_types.issuperset(map(type, kwargs.values()))):
