@@ -121,3 +121,85 @@ def test_device_changed_while_bufferfix_was_disabled():
     finally:
         context.__exit__(None, None, None)
     assert_matches_reference(materialised(model), reference())
+
+
+# --------------------------------------------------------------------------- torch.nn's leaf classes
+# They keep C's constructor (issue 16: most of a model's modules never enter Python), so a user's
+# class made from one must get the recording hook by other means: when it is made after bufferfix
+# is on (nn.Module.__init_subclass__), or before / while off (bufferfix.enable walks the subclasses).
+
+def scaled_positions_class():
+    class ScaledPositions(torch.nn.Embedding):
+        def __init__(self, count, width, scale):
+            super().__init__(count, width)
+            self.register_buffer("positions", torch.arange(count) * scale, persistent=False)
+
+    return ScaledPositions
+
+
+def positions_model(cls):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(cls(6, 4, 3), torch.nn.Linear(4, 4))
+
+
+def test_leaf_subclass_is_broken_without_bufferfix(without_bufferfix):
+    cls = scaled_positions_class()
+    with torch.device("meta"):
+        model = positions_model(cls)
+    assert broken_buffers(materialised_like(model, positions_model(cls)), positions_model(cls)) == ["0.positions"]
+
+
+def materialised_like(model, reference):
+    model.to_empty(device="cpu")
+    model.load_state_dict(reference.state_dict())
+    return model
+
+
+def test_subclass_of_a_torch_nn_leaf_class_made_while_on():
+    cls = scaled_positions_class()
+    with torch.device("meta"):
+        model = positions_model(cls)
+    assert_matches_reference(materialised_like(model, positions_model(cls)), positions_model(cls))
+
+
+def test_subclass_of_a_torch_nn_leaf_class_made_while_off():
+    with bufferfix.disabled():
+        cls = scaled_positions_class()
+    with torch.device("meta"):
+        model = positions_model(cls)
+    assert_matches_reference(materialised_like(model, positions_model(cls)), positions_model(cls))
+
+
+def test_subclass_of_a_torch_nn_leaf_class_made_before_import():
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import torch
+        from torch import nn
+
+        class ScaledPositions(nn.Embedding):
+            def __init__(self, count, width, scale):
+                super().__init__(count, width)
+                self.register_buffer("positions", torch.arange(count) * scale, persistent=False)
+
+        import bufferfix
+        with torch.device("meta"):
+            model = ScaledPositions(6, 4, 3)
+        model.to_empty(device="cpu")
+        print(model.positions.tolist())
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[0] == str((torch.arange(6) * 3).tolist())
+
+
+def test_torch_nn_leaf_constructions_are_not_recorded():
+    count, _ = records_of(lambda: _on_meta(lambda: [torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), torch.nn.SiLU()]))
+    assert count == 0
+
+
+def _on_meta(build):
+    with torch.device("meta"):
+        return build()

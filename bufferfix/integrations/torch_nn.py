@@ -3,7 +3,8 @@
 * ``Module.to_empty``: materialisation; buffers are planned before, restored after.
 * ``Module.to``: a move to meta snapshots real non-persistent buffers first.
 * ``Module.load_state_dict(assign=True)``: buffers a meta model still has on meta get values.
-* ``Module.__new__``: while meta is the default device, record each constructor call.
+* ``Module.__new__``: while meta is the default device, record each constructor call (torch.nn's
+  own leaf classes keep C's constructor; ``Module.__init_subclass__`` hooks classes made from them).
 * ``Module.__deepcopy__``: a deep copy keeps the recipes and snapshots of the original.
 * a global parameter-registration hook: during a replay, parameters go to meta.
 * ``DeviceContext.__init__`` (``with torch.device(...)``): counted, see recording.meta_is_default_device.
@@ -123,6 +124,16 @@ def _carry_over(original, memo):
                 recipes.follow_tensor_copy(tensor, copied)
 
 
+def _init_subclass(cls, **kwargs):
+    """``nn.Module.__init_subclass__``: a class made from one of torch.nn's leaf classes
+    (``class MyNorm(nn.LayerNorm)``) would inherit their C constructor: it gets the recording
+    ``__new__`` (see recording.keep_c_constructor)."""
+    super(nn.Module, cls).__init_subclass__(**kwargs)
+    hook = nn.Module.__dict__.get("__new__")
+    if hook is not None and "__new__" not in cls.__dict__ and cls.__new__ is object.__new__:
+        contained(lambda: setattr(cls, "__new__", hook), "hooking the constructor of %s" % cls.__qualname__)
+
+
 def _is_ours(candidate, name):
     """Is this one of our hooks, possibly from an earlier import of this module (importlib.reload)?"""
     function = getattr(candidate, "__func__", candidate)
@@ -149,7 +160,12 @@ class TorchNN(Integration):
             # back off a class once set (object.__new__ then rejects constructor arguments), so
             # this pass-through stays for the life of the process, doing nothing while disabled.
             self.unrecorded_classes = recording.torch_nn_own_classes()
-            nn.Module.__new__ = staticmethod(recording.constructor_hook(self, self.unrecorded_classes))
+            if current_new is None:  # while their C slot is still object.__new__'s: see keep_c_constructor
+                recording.keep_c_constructor(self.unrecorded_classes)
+            hook = staticmethod(recording.constructor_hook(self, self.unrecorded_classes))
+            nn.Module.__new__ = hook
+            recording.hook_subclasses_of(self.unrecorded_classes, hook)
+            nn.Module.__init_subclass__ = classmethod(_init_subclass)
         else:
             logger.warning("bufferfix: nn.Module.__new__ is already %r; constructors built on meta will not be "
                            "recorded, so their buffers cannot be recomputed", current_new)
@@ -162,6 +178,8 @@ class TorchNN(Integration):
         recording.device_context_made()
 
     def _uninstrument(self):
+        if _is_ours(nn.Module.__dict__.get("__init_subclass__"), "_init_subclass"):
+            del nn.Module.__init_subclass__  # classes made while off are hooked at the next enable
         if _is_ours(nn.Module.__dict__.get("__deepcopy__"), "_deepcopy"):
             del nn.Module.__deepcopy__
         if self._parameter_hook is not None:
