@@ -203,3 +203,25 @@ def test_torch_nn_leaf_constructions_are_not_recorded():
 def _on_meta(build):
     with torch.device("meta"):
         return build()
+
+
+class ScaledByItsOwnNew(torch.nn.Module):
+    """A class with a ``__new__`` of its own: it calls ``super().__new__(cls)`` without the
+    constructor's arguments (object.__new__ takes none), so the hook never sees them."""
+
+    def __new__(cls, *args, **kwargs):
+        return super().__new__(cls)
+
+    def __init__(self, scale=1.0):
+        super().__init__()
+        self.register_buffer("table", torch.arange(4.0) * scale, persistent=False)
+
+
+def test_a_class_with_its_own_new_is_named_not_replayed_with_the_defaults(strict):
+    """Replaying ``ScaledByItsOwnNew()`` as the hook saw the call would give scale 1.0's table: silent
+    garbage.  It is not recorded; strict mode names the buffer."""
+    with torch.device("meta"):
+        model = ScaledByItsOwnNew(3.0)
+    with pytest.raises(bufferfix.UnrecoverableBufferError) as raised:
+        model.to_empty(device="cpu")
+    assert [recovery.name for recovery in raised.value.recoveries] == ["table"]

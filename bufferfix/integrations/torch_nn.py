@@ -155,7 +155,7 @@ class TorchNN(Integration):
         self.wrap(nn.Module, "to", _to)
         self.wrap(nn.Module, "load_state_dict", _load_state_dict)
         current_new = nn.Module.__dict__.get("__new__")
-        if current_new is None or getattr(getattr(current_new, "__func__", None), "bufferfix_hook", None):
+        if current_new is None or recording.is_constructor_hook(current_new):
             # None, or ours (maybe from before an importlib.reload).  CPython cannot take a __new__
             # back off a class once set (object.__new__ then rejects constructor arguments), so
             # this pass-through stays for the life of the process, doing nothing while disabled.
@@ -178,6 +178,9 @@ class TorchNN(Integration):
         recording.device_context_made()
 
     def _uninstrument(self):
+        hook = nn.Module.__dict__.get("__new__")
+        if recording.is_constructor_hook(hook):
+            hook.__func__.hooked_classes.clear()  # its fast path: a class in there is recorded at once
         if _is_ours(nn.Module.__dict__.get("__init_subclass__"), "_init_subclass"):
             del nn.Module.__init_subclass__  # classes made while off are hooked at the next enable
         if _is_ours(nn.Module.__dict__.get("__deepcopy__"), "_deepcopy"):

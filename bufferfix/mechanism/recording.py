@@ -23,7 +23,7 @@ from torch import nn
 from . import compat, recipes
 
 logger = logging.getLogger("bufferfix")
-_recorded = {}  # id(module) -> (weakref to the module, Recipe or raw construction tuple)
+_recorded = {}  # id(module) -> (weakref to the module, Recipe) or (weakref, *the raw construction)
 _PRUNE_AT_LEAST = 4096
 _prune_at = _PRUNE_AT_LEAST
 _parent_index = None  # id(child) -> (weakref to parent, attribute), built when first asked for
@@ -50,13 +50,14 @@ def constructor_hook(switch, unrecorded_classes):
     * it gets a ``device="meta"`` argument (timm's ``create_model(..., device="meta")`` passes it
       down to every module).
 
+    It never records a class with a ``__new__`` of its own (see ``constructs_through_hook``).
     What it keeps is the raw call (class, arguments, default dtype, the argument objects'
     attributes): a Recipe is made of it only if a buffer ever needs it.  Whatever goes wrong in
     here is logged, never raised: construction must not break.
     """
     new = object.__new__
     stack_length, thread_ident = compat.function_mode_stack_length, threading.get_ident
-    module_attributes = nn.Module.__dict__
+    module_attributes = nn.Module.__dict__  # register_parameter: replaced by accelerate's init_empty_weights()
     original_register_parameter = _ORIGINAL_REGISTER_PARAMETER
     thread, default_dtype, new_reference = recipes.thread_state, torch.get_default_dtype, weakref.ref
     argument_states, plain_types = recipes.argument_states, recipes.plain_argument_types
@@ -65,35 +66,40 @@ def constructor_hook(switch, unrecorded_classes):
     def recording_new(cls, *args, **kwargs):
         global _parent_index
         module = new(cls)
-        if cls in unrecorded_classes or not switch.active:
+        if cls not in hooked_classes and not constructs_through_hook(cls):  # emptied when switched off
             return module
         try:
             length = stack_length()  # meta_is_default_device(), inlined: this is the hot path
             if length:
-                last = _last_mode_stack
+                last = _last_mode_stack  # read once: another thread may replace it
                 if length == last[0] and device_contexts_made == last[1] and thread_ident() == last[2]:
                     meta = last[3]
                 else:
                     meta = _meta_on_mode_stack(length)
             else:
                 meta = False
-            meta_argument = bool(kwargs) and "device" in kwargs and is_meta_device(kwargs["device"])
-            if not (meta or meta_argument
-                    or (module_attributes.get("register_parameter") is not original_register_parameter
-                        and parameters_put_on_meta())):
+            if kwargs and "device" in kwargs and is_meta_device(kwargs["device"]):
+                kwargs = dict(kwargs, device=None)  # replays run on CPU: the normal build is the call without it
+            elif not (meta or (module_attributes["register_parameter"] is not original_register_parameter
+                               and parameters_put_on_meta())):
                 return module
             if recipes.replays_running and thread.replaying:
                 return module
-            if meta_argument:  # replays run on CPU: the normal build is the same call without device="meta"
-                kwargs = dict(kwargs, device=None)
-            if plain_types.issuperset(map(type, args)) and (not kwargs
-                                                            or plain_types.issuperset(map(type, kwargs.values()))):
-                states = ()  # values only (RMSNorm(4096, eps=1e-5)), decided in C: no argument object
-            else:
+            states = ()  # values only (RMSNorm(4096, eps=1e-5)): no argument object to keep
+            for value in args:
+                if type(value) not in plain_types:
+                    states = None
+                    break
+            if kwargs and states is not None:
+                for value in kwargs.values():
+                    if type(value) not in plain_types:
+                        states = None
+                        break
+            if states is None:
                 states = argument_states(args, kwargs)
                 if type(states) is str:  # refused: keep no arguments, they may hold the model itself alive
                     args, kwargs = (), {}
-            recorded[id(module)] = (new_reference(module), (cls, args, kwargs, default_dtype(), states))
+            recorded[id(module)] = (new_reference(module), cls, args, kwargs, default_dtype(), states)
             _parent_index = None  # the module tree changed
             if len(recorded) > _prune_at:
                 _prune()
@@ -101,7 +107,23 @@ def constructor_hook(switch, unrecorded_classes):
             logger.exception("bufferfix: could not record the construction of %s", cls.__qualname__)
         return module
 
+    hooked_classes = set()  # classes seen to construct through recording_new while switched on
+
+    def constructs_through_hook(cls):
+        """Is the switch on, and does ``cls(...)`` reach this hook with its own arguments?  Not for
+        a class with a ``__new__`` of its own: it calls ``super().__new__(cls)`` without them
+        (object.__new__ takes none), and replaying the call as recorded would give the defaults'
+        buffers."""
+        if not switch.active:
+            hooked_classes.clear()  # (also done by the switch: see TorchNN._uninstrument)
+            return False
+        through = cls not in unrecorded_classes and getattr(cls, "__new__", None) is recording_new
+        if through and len(hooked_classes) < 10000:  # classes made on the fly: do not keep them all
+            hooked_classes.add(cls)
+        return through
+
     recording_new.bufferfix_hook = "recording_new"  # recognised after importlib.reload, see torch_nn
+    recording_new.hooked_classes = hooked_classes
     return recording_new
 
 
@@ -114,7 +136,7 @@ def meta_is_default_device():
     length = compat.function_mode_stack_length()
     if not length:
         return False
-    last = _last_mode_stack
+    last = _last_mode_stack  # read once: another thread may replace it
     if length == last[0] and device_contexts_made == last[1] and threading.get_ident() == last[2]:
         return last[3]
     return _meta_on_mode_stack(length)
@@ -206,7 +228,8 @@ def keep_c_constructor(leaf_classes):
 def hook_subclasses_of(leaf_classes, hook):
     """Classes made from a leaf class outside torch.nn (``class MyNorm(nn.LayerNorm)``, which may
     register a buffer) inherit the leaf's C constructor: give them the recording hook.  Classes
-    made later get it from ``nn.Module.__init_subclass__`` (the torch_nn integration)."""
+    made later get it from ``nn.Module.__init_subclass__`` (the torch_nn integration).  A hook
+    from before an ``importlib.reload`` is replaced by this one."""
     pending, seen = list(leaf_classes), set(leaf_classes)
     while pending:
         for subclass in pending.pop().__subclasses__():
@@ -214,8 +237,14 @@ def hook_subclasses_of(leaf_classes, hook):
                 continue
             seen.add(subclass)
             pending.append(subclass)
-            if "__new__" not in subclass.__dict__ and subclass.__new__ is object.__new__:
+            own = subclass.__dict__.get("__new__")
+            if (own is None and subclass.__new__ is object.__new__) or is_constructor_hook(own):
                 subclass.__new__ = hook
+
+
+def is_constructor_hook(candidate):
+    """Is this (a staticmethod of) a :func:`constructor_hook`, maybe from before a reload?"""
+    return getattr(getattr(candidate, "__func__", candidate), "bufferfix_hook", None) == "recording_new"
 
 
 # --------------------------------------------------------------------------- the side table
@@ -224,8 +253,8 @@ def _prune():
     """Entries are not removed when their module dies (a weakref callback per module costs more
     than the whole record): sweep the dead ones whenever the table has doubled."""
     global _prune_at
-    for key, (module_ref, _) in list(_recorded.items()):
-        if module_ref() is None:
+    for key, entry in list(_recorded.items()):
+        if entry[0]() is None:
             del _recorded[key]
     for key, (module_ref, _) in list(_awaiting.items()):
         if module_ref() is None:
@@ -245,10 +274,10 @@ def recipe_of(module):
     entry = _recorded.get(id(module))
     if entry is None or entry[0]() is not module:
         return None
-    recipe = entry[1]
-    if type(recipe) is tuple:
-        recipe = recipes.intern(*recipe)
-        _recorded[id(module)] = (entry[0], recipe)
+    if len(entry) == 2:
+        return entry[1]
+    recipe = recipes.intern(*entry[1:])
+    _recorded[id(module)] = (entry[0], recipe)
     return recipe
 
 
@@ -265,7 +294,7 @@ def live_records():
 def replay_nbytes():
     """Bytes of the tensors in the replays cached on live recipes."""
     seen, total = set(), 0
-    for _, entry in list(_recorded.values()):
+    for entry in [entry[1] for entry in list(_recorded.values()) if len(entry) == 2]:
         for slot in ("_replayed", "_replayed_real"):
             cached = getattr(entry, slot, None)
             if type(cached) is tuple and id(cached[0]) not in seen:
@@ -279,7 +308,7 @@ def follow_copy(original, copy):
     global _parent_index
     entry = _recorded.get(id(original))
     if entry is not None and entry[0]() is original:
-        _recorded[id(copy)] = (weakref.ref(copy), entry[1])
+        _recorded[id(copy)] = (weakref.ref(copy), *entry[1:])
         _parent_index = None
 
 
