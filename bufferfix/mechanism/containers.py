@@ -38,21 +38,39 @@ class Slot:
         return self.attribute + "".join("[%r]" % key if kind == "item" else "." + key for kind, key in self.steps)
 
 
-def _container(value):
-    return type(value) in (list, tuple, dict) or isinstance(value, (list, tuple, dict))
+_SKIP, _TENSOR, _SEQUENCE, _MAPPING, _OBJECT = range(1, 6)  # what a value's type asks of the walk (never 0)
+_kinds = {}  # type -> one of the five, decided once per type: _kinds.get(type(value)) or _classify(value)
 
 
-def _plain_object(value):
-    return (hasattr(value, "__dict__") and not isinstance(value, (torch.nn.Module, torch.Tensor, type))
-            and not callable(value) and type(value).__module__ != "builtins")
+def _classify(value):
+    """What the walk does with values of ``value``'s type, decided from the type alone and kept:
+    ``isinstance`` on a transformers config calls the config's own ``__getattribute__`` (for
+    ``__class__``), and planning looks at every attribute of every module built on meta."""
+    cls = type(value)
+    if issubclass(cls, torch.Tensor):
+        kind = _TENSOR
+    elif issubclass(cls, (torch.nn.Module, type) + _SCALARS):
+        kind = _SKIP
+    elif issubclass(cls, dict):
+        kind = _MAPPING
+    elif issubclass(cls, (list, tuple)):
+        kind = _SEQUENCE
+    elif cls.__dictoffset__ and not callable(value) and cls.__module__ != "builtins":
+        kind = _OBJECT  # a plain object with attributes (not a function, method, partial, ...)
+    else:
+        kind = _SKIP
+    if len(_kinds) > 10000:  # classes made on the fly: do not keep them all alive
+        _kinds.clear()
+    _kinds[cls] = kind
+    return kind
 
 
-def _children(value):
-    if isinstance(value, dict):
+def _children(value, kind):
+    if kind is _MAPPING:
         return [(("item", key), item) for key, item in list(value.items())]
-    if isinstance(value, (list, tuple)):
+    if kind is _SEQUENCE:
         return [(("item", index), item) for index, item in enumerate(value)]
-    return [(("field", key), item) for key, item in list(vars(value).items())]
+    return [(("field", key), item) for key, item in list(object.__getattribute__(value, "__dict__").items())]
 
 
 def slots(module, wanted=lambda tensor: tensor.is_meta, empty=None):
@@ -62,29 +80,28 @@ def slots(module, wanted=lambda tensor: tensor.is_meta, empty=None):
     no wanted tensor within that depth are not walked again (the config every transformers module
     holds: walked once per plan, not once per module).  The objects stay alive while the plan runs
     (their modules hold them), so an id cannot be reused in between."""
-    found = []
+    found, kinds = [], _kinds
     empty = {} if empty is None else empty
     for attribute, value in list(vars(module).items()):
-        if attribute in _MODULE_INTERNALS or isinstance(value, (torch.Tensor, torch.nn.Module, _SCALARS)):
+        kind = kinds.get(type(value)) or _classify(value)
+        if kind is _SKIP or kind is _TENSOR or attribute in _MODULE_INTERNALS:
             continue
-        if _container(value) or _plain_object(value):
-            _walk(module, attribute, value, (), wanted, found, {id(module)}, MAX_DEPTH, empty)
+        if empty.get(id(value), -1) < MAX_DEPTH:
+            _walk(module, attribute, value, kind, (), wanted, found, {id(module)}, MAX_DEPTH, empty)
     return found
 
 
-def _walk(module, attribute, value, steps, wanted, found, seen, depth, empty):
-    if isinstance(value, torch.Tensor):
+def _walk(module, attribute, value, kind, steps, wanted, found, seen, depth, empty):
+    if kind is _TENSOR:
         if not isinstance(value, torch.nn.Parameter) and wanted(value):
             found.append(Slot(module, attribute, steps, value))
         return
-    if depth == 0 or isinstance(value, (torch.nn.Module, _SCALARS)) or id(value) in seen:
-        return
-    if empty.get(id(value), -1) >= depth or not (_container(value) or _plain_object(value)):
+    if depth == 0 or kind is _SKIP or id(value) in seen or empty.get(id(value), -1) >= depth:
         return
     seen.add(id(value))
     before = len(found)
-    for step, item in _children(value):
-        _walk(module, attribute, item, steps + (step,), wanted, found, seen, depth - 1, empty)
+    for step, item in _children(value, kind):
+        _walk(module, attribute, item, _kinds.get(type(item)) or _classify(item), steps + (step,), wanted, found, seen, depth - 1, empty)
     if len(found) == before:
         empty[id(value)] = max(depth, empty.get(id(value), -1))
 
