@@ -15,13 +15,16 @@ import contextlib
 import torch
 from torch import nn
 
-# Llama shapes.  ``llama70b``/``llama1b`` follow Meta's published configurations; the others
+# Llama shapes.  ``llama70b``/``llama3b``/``llama1b`` follow Meta's published configurations; the others
 # are small stand-ins with the same structure (used by --quick and from_pretrained/forward).
 LLAMA = {
     "llama70b": dict(hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
                      intermediate_size=28672, vocab_size=128256, max_position_embeddings=131072,
                      rope_theta=500000.0, tie_word_embeddings=False),
     "llama1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                    intermediate_size=8192, vocab_size=128256, max_position_embeddings=131072,
+                    rope_theta=500000.0, tie_word_embeddings=True),
+    "llama3b": dict(hidden_size=3072, num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8,
                     intermediate_size=8192, vocab_size=128256, max_position_embeddings=131072,
                     rope_theta=500000.0, tie_word_embeddings=True),
     "small": dict(hidden_size=768, num_hidden_layers=8, num_attention_heads=12, num_key_value_heads=4,

@@ -29,7 +29,7 @@ Items (numbers follow GitHub issue 7):
      4.x, workers run by --moe-python) built under torch.device("meta")       [<= 1.02]
   4  to_empty + load_state_dict of a Llama-3.2-1B-shaped bf16 model on CPU   [<= 1.02];
      growth from 1 to 80 layers and number of replays
-  5  transformers from_pretrained of a saved small model                     [<= 1.02]
+  5  transformers from_pretrained of a saved small model; 5b 1B-, 5c 3B-shaped   [<= 1.02]
   6  forward pass of a model loaded with bufferfix vs without                [1.00]
   7  memory bufferfix holds during (<= bytes of the non-persistent buffers) and after (0)
   alt  what users do today: accelerate's copy-and-reassign, transformers' init_weights()
@@ -67,6 +67,7 @@ FULL = {
                 "layers": [1, 2, 4, 8, 16, 32, 80], "hidden": [512, 2048, 8192], "hidden_layers": 4, "reps": 7},
     "pretrained": {"spec": {"family": "llama", "preset": "small", "dtype": "float32"}, "reps": 60},
     "pretrained_big": {"spec": {"family": "llama", "preset": "llama1b", "dtype": "bfloat16"}, "reps": 40},
+    "pretrained_larger": {"spec": {"family": "llama", "preset": "llama3b", "dtype": "bfloat16"}, "reps": 15},
     "forward": {"tokens": 64, "reps": 40},
 }
 QUICK = {
@@ -80,6 +81,7 @@ QUICK = {
                 "layers": [1, 4], "hidden": [64, 128], "hidden_layers": 1, "reps": 2},
     "pretrained": {"spec": {"family": "llama", "preset": "tiny", "dtype": "float32"}, "reps": 3},
     "pretrained_big": {"spec": {"family": "llama", "preset": "tiny", "dtype": "bfloat16"}, "reps": 2},
+    "pretrained_larger": {"spec": {"family": "llama", "preset": "tiny", "dtype": "bfloat16"}, "reps": 2},
     "forward": {"tokens": 16, "reps": 5},
 }
 ITEMS = ("1", "2", "3", "3m", "4", "5", "6", "7", "alt")
@@ -757,6 +759,9 @@ def main(argv=None):
                 guarded("5b: from_pretrained (1B)", item5_from_pretrained, report, sizes, on, off, aa, tmp,
                         "pretrained_big", "5b")
                 shutil.rmtree(Path(tmp) / "saved-model-pretrained_big", ignore_errors=True)
+                guarded("5c: from_pretrained (3B)", item5_from_pretrained, report, sizes, on, off, aa, tmp,
+                        "pretrained_larger", "5c")
+                shutil.rmtree(Path(tmp) / "saved-model-pretrained_larger", ignore_errors=True)
         finally:
             for worker in (on, off, aa):
                 if worker is not None:

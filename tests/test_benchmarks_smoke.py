@@ -19,7 +19,7 @@ RUNNER = ROOT / "benchmarks" / "run.py"
 EXPECTED = {
     "2", "3", "4a",
     "4b-replays", "4b-cost", "4b-to-empty", "4c-replays", "4c-cost", "4c-to-empty", "4d-bytes",
-    "5", "5b", "6",
+    "5", "5b", "5c", "6",
     "alt-born-init_weights", "alt-born-bufferfix",
     "alt-roundtrip-accelerate_copy", "alt-roundtrip-init_weights", "alt-roundtrip-bufferfix",
 } | {"7%s-%s" % (letter, kind) for letter in "abcd" for kind in ("during", "after", "live", "peak-rss", "rss-after")}
@@ -54,7 +54,7 @@ def test_timing_rows_give_both_ratios_and_an_a_a_row(results):
     worker without bufferfix (A/A), in the same interleaved run."""
     data, _ = results
     rows = {row["id"]: row for row in data["rows"]}
-    for row_id in ("3", "5", "5b") + (("3m",) if "3m" in rows else ()):
+    for row_id in ("3", "5", "5b", "5c") + (("3m",) if "3m" in rows else ()):
         for key in ("ratio", "min_ratio", "aa_ratio", "aa_min_ratio"):
             assert isinstance(rows[row_id][key], float) and math.isfinite(rows[row_id][key]), (row_id, key)
         assert len(rows[row_id]["samples_aa_ms"]) == len(rows[row_id]["samples_without_ms"])

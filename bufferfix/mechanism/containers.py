@@ -82,12 +82,15 @@ def slots(module, wanted=lambda tensor: tensor.is_meta, empty=None):
     (their modules hold them), so an id cannot be reused in between."""
     found, kinds = [], _kinds
     empty = {} if empty is None else empty
-    for attribute, value in list(vars(module).items()):
+    attributes = vars(module)
+    for attribute in attributes.keys() - _MODULE_INTERNALS:  # in C: torch's own 17 are never walked
+        value = attributes[attribute]
         kind = kinds.get(type(value)) or _classify(value)
-        if kind is _SKIP or kind is _TENSOR or attribute in _MODULE_INTERNALS:
-            continue
-        if empty.get(id(value), -1) < MAX_DEPTH:
+        if kind is not _SKIP and kind is not _TENSOR and empty.get(id(value), -1) < MAX_DEPTH:
             _walk(module, attribute, value, kind, (), wanted, found, {id(module)}, MAX_DEPTH, empty)
+    if len(found) > 1:  # in the attributes' own order, whatever order the set difference gave
+        order = {name: index for index, name in enumerate(attributes)}
+        found.sort(key=lambda slot: order[slot.attribute])  # stable: one attribute's slots keep theirs
     return found
 
 

@@ -249,7 +249,7 @@ def parameters_to_meta(module, name, param):
     """Global parameter-registration hook: during a replay, parameters go straight to meta (only
     the buffers are wanted, so no weight memory is touched).  It stays installed: adding it per
     replay would mutate torch's hook dict while another thread iterates it."""
-    if not _local.replaying or _local.real_parameters or param is None or param.is_meta:
+    if not replays_running or not _local.replaying or _local.real_parameters or param is None or param.is_meta:
         return None  # every parameter registered goes through here: the cheapest checks first
     if type(param) is nn.Parameter:
         return nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)

@@ -1,0 +1,156 @@
+"""Instructions, not seconds: what bufferfix adds to a meta build or a from_pretrained (a diagnostic).
+
+    python benchmarks/instructions.py [--what build,from_pretrained,constructions] [--checkout PATH ...]
+
+Timings on a shared 2-core machine move by several percent between identical runs; valgrind's
+callgrind counts the instructions a piece of work executes, the same to ~0.3% from run to run.
+Each variant runs in its own interpreter under ``valgrind --tool=callgrind --instr-atstart=no``
+(PYTHONHASHSEED=0, GC off while counting); the worker switches counting on and off around the
+work itself (``callgrind_control -i on/off``), so imports and set-up are not counted.
+
+Variants: ``unpatched`` (``BUFFERFIX_DISABLE=1``: nothing patched), ``bufferfix`` (this checkout),
+and one per ``--checkout PATH`` (another checkout of bufferfix put first on ``PYTHONPATH``, e.g.
+``git worktree add /tmp/v020 v0.2.0``).  Works:
+
+* ``build``: two Llama-3-70B-shaped ``LlamaForCausalLM`` built under ``torch.device("meta")``
+  (1047 modules each; the benchmark's row 3);
+* ``from_pretrained``: two loads of a saved small Llama (row 5);
+* ``constructions``: 5,000 constructions under meta of a module with plain arguments
+  (``Plain(4096, eps=1e-5)``) and of one with a config argument (``WithConfig(config, 3)``): the
+  cost per recorded construction.
+
+Needs valgrind (not installed by .ci/run: this is not part of the test suite).
+"""
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+WORKS = ("build", "from_pretrained", "constructions")
+UNITS = {"build": "per build", "from_pretrained": "per load", "constructions": "per construction"}
+
+WORKER = r'''
+import gc, os, subprocess, sys
+sys.path.insert(0, os.environ["BENCH_DIR"])
+import bufferfix, torch
+from torch import nn
+import bench_models
+torch.set_num_threads(1)
+what, pid = os.environ["BENCH_WHAT"], str(os.getpid())
+
+
+def counted(label, work, repeat):
+    work()  # warm-up: caches, lazy imports
+    gc.collect()
+    gc.disable()
+    subprocess.run(["callgrind_control", "-z", pid], capture_output=True)
+    subprocess.run(["callgrind_control", "-i", "on", pid], capture_output=True)
+    for _ in range(repeat):
+        work()
+    subprocess.run(["callgrind_control", "-i", "off", pid], capture_output=True)
+    subprocess.run(["callgrind_control", "-d", label, pid], capture_output=True)
+    gc.enable()
+
+
+if what == "build":
+    spec = {"family": "llama", "preset": "llama70b", "dtype": "bfloat16"}
+    config = bench_models.make_config(spec)
+
+    def build():
+        with torch.device("meta"):
+            bench_models.build(spec, config)
+
+    counted("build", build, 2)
+elif what == "from_pretrained":
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+    logging.disable_progress_bar()
+    counted("from_pretrained", lambda: AutoModelForCausalLM.from_pretrained(os.environ["BENCH_CHECKPOINT"]), 2)
+else:
+    config = bench_models.make_config({"family": "llama", "preset": "llama70b", "dtype": "bfloat16"})
+
+    class Plain(nn.Module):
+        def __init__(self, size, eps=1e-5):
+            super().__init__()
+
+    class WithConfig(nn.Module):
+        def __init__(self, config, index=None):
+            super().__init__()
+
+    for label, make in (("nothing", lambda: None), ("plain", lambda: Plain(4096, eps=1e-5)),
+                        ("config", lambda: WithConfig(config, 3))):
+        kept = []
+
+        def many():
+            with torch.device("meta"):
+                kept.extend(make() for _ in range(5000))
+
+        counted(label, many, 1)
+        kept.clear()
+'''
+
+
+def count(variant, environment, what, scratch, checkpoint):
+    out = Path(scratch) / ("%s-%s.out" % (what, variant))
+    env = {key: value for key, value in os.environ.items() if key != "BUFFERFIX_DISABLE"}
+    env.update(PYTHONHASHSEED="0", BENCH_DIR=str(HERE), BENCH_WHAT=what, BENCH_CHECKPOINT=checkpoint or "",
+               HF_HUB_OFFLINE="1", **environment)
+    subprocess.run(["valgrind", "--tool=callgrind", "--instr-atstart=no", "--callgrind-out-file=%s" % out,
+                    sys.executable, "-c", WORKER], env=env, cwd=scratch, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    totals = {}
+    for dump in Path(scratch).glob(out.name + ".*"):
+        text = dump.read_text()
+        label = re.search(r"^desc: Trigger: dump (\S+)", text, re.M)
+        total = re.search(r"^totals: (\d+)", text, re.M)
+        if label and total:
+            totals[label.group(1)] = int(total.group(1))
+    if what == "build" or what == "from_pretrained":
+        return {what: totals[what] / 2}
+    return {label: (totals[label] - totals["nothing"]) / 5000 for label in ("plain", "config")}
+
+
+def save_checkpoint(scratch):
+    code = ("import sys, torch; sys.path.insert(0, %r); import bench_models; torch.manual_seed(0); "
+            "bench_models.build({'family': 'llama', 'preset': 'small', 'dtype': 'float32'}).save_pretrained(%r)"
+            % (str(HERE), str(Path(scratch) / "small")))
+    subprocess.run([sys.executable, "-c", code], env=dict(os.environ, BUFFERFIX_DISABLE="1"), check=True,
+                   capture_output=True)
+    return str(Path(scratch) / "small")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--what", default=",".join(WORKS), help="comma-separated: " + ", ".join(WORKS))
+    parser.add_argument("--checkout", action="append", default=[], help="another bufferfix checkout to count")
+    args = parser.parse_args(argv)
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        sys.exit("benchmarks/instructions.py needs valgrind (apt-get install valgrind)")
+    variants = {"unpatched": {"BUFFERFIX_DISABLE": "1"}, "bufferfix": {}}
+    for path in args.checkout:
+        variants[Path(path).name] = {"PYTHONPATH": os.pathsep.join(filter(None, (path, os.environ.get("PYTHONPATH"))))}
+    with tempfile.TemporaryDirectory() as scratch:
+        works = [what for what in args.what.split(",") if what]
+        checkpoint = save_checkpoint(scratch) if "from_pretrained" in works else None
+        jobs = [(what, name) for what in works for name in variants]
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            counts = dict(zip(jobs, pool.map(lambda job: count(job[1], variants[job[1]], job[0], scratch, checkpoint),
+                                             jobs)))
+    for what in works:
+        for row in counts[what, "unpatched"]:
+            base = counts[what, "unpatched"][row]
+            print("%s (%s, instructions %s)" % (what, row, UNITS[what]))
+            for name in variants:
+                value = counts[what, name][row]
+                print("  %-12s %14s  %+12s  %.4f" % (name, "{:,.0f}".format(value), "{:,.0f}".format(value - base),
+                                                     value / base))
+
+
+if __name__ == "__main__":
+    main()
