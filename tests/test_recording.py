@@ -225,3 +225,13 @@ def test_a_class_with_its_own_new_is_named_not_replayed_with_the_defaults(strict
     with pytest.raises(bufferfix.UnrecoverableBufferError) as raised:
         model.to_empty(device="cpu")
     assert [recovery.name for recovery in raised.value.recoveries] == ["table"]
+
+
+def test_nothing_is_recorded_while_switched_off():
+    """The hook's fast path (a class seen before is recorded at once) is emptied by disable()."""
+    _on_meta(lambda: Sinusoidal(12, 6))
+    with bufferfix.disabled():
+        count, _ = records_of(lambda: _on_meta(lambda: Sinusoidal(12, 6)))
+    assert count == 0
+    count, _ = records_of(lambda: _on_meta(lambda: Sinusoidal(12, 6)))
+    assert count > 0

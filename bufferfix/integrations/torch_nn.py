@@ -130,7 +130,7 @@ def _init_subclass(cls, **kwargs):
     ``__new__`` (see recording.keep_c_constructor)."""
     super(nn.Module, cls).__init_subclass__(**kwargs)
     hook = nn.Module.__dict__.get("__new__")
-    if hook is not None and "__new__" not in cls.__dict__ and cls.__new__ is object.__new__:
+    if hook is not None and recording.inherits_c_constructor(cls):
         contained(lambda: setattr(cls, "__new__", hook), "hooking the constructor of %s" % cls.__qualname__)
 
 

@@ -104,7 +104,8 @@ def _walk(module, attribute, value, kind, steps, wanted, found, seen, depth, emp
     seen.add(id(value))
     before = len(found)
     for step, item in _children(value, kind):
-        _walk(module, attribute, item, _kinds.get(type(item)) or _classify(item), steps + (step,), wanted, found, seen, depth - 1, empty)
+        kind = _kinds.get(type(item)) or _classify(item)
+        _walk(module, attribute, item, kind, steps + (step,), wanted, found, seen, depth - 1, empty)
     if len(found) == before:
         empty[id(value)] = max(depth, empty.get(id(value), -1))
 

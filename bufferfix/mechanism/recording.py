@@ -237,9 +237,13 @@ def hook_subclasses_of(leaf_classes, hook):
                 continue
             seen.add(subclass)
             pending.append(subclass)
-            own = subclass.__dict__.get("__new__")
-            if (own is None and subclass.__new__ is object.__new__) or is_constructor_hook(own):
+            if inherits_c_constructor(subclass) or is_constructor_hook(subclass.__dict__.get("__new__")):
                 subclass.__new__ = hook
+
+
+def inherits_c_constructor(cls):
+    """Does ``cls`` construct through a leaf class's ``object.__new__`` (no ``__new__`` of its own)?"""
+    return "__new__" not in cls.__dict__ and cls.__new__ is object.__new__
 
 
 def is_constructor_hook(candidate):
