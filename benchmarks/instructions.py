@@ -5,7 +5,7 @@
 Timings on a shared 2-core machine move by several percent between identical runs; valgrind's
 callgrind counts the instructions a piece of work executes, the same to ~0.3% from run to run.
 Each variant runs in its own interpreter under ``valgrind --tool=callgrind --instr-atstart=no``
-(PYTHONHASHSEED=0, GC off while counting); the worker switches counting on and off around the
+(PYTHONHASHSEED=0, GC off while counting unless ``--gc``); the worker switches counting on and off around the
 work itself (``callgrind_control -i on/off``), so imports and set-up are not counted.
 
 Variants: ``unpatched`` (``BUFFERFIX_DISABLE=1``: nothing patched), ``bufferfix`` (this checkout),
@@ -48,7 +48,8 @@ what, pid = os.environ["BENCH_WHAT"], str(os.getpid())
 def counted(label, work, repeat):
     work()  # warm-up: caches, lazy imports
     gc.collect()
-    gc.disable()
+    if not os.environ.get("BENCH_GC"):
+        gc.disable()
     subprocess.run(["callgrind_control", "-z", pid], capture_output=True)
     subprocess.run(["callgrind_control", "-i", "on", pid], capture_output=True)
     for _ in range(repeat):
@@ -129,12 +130,16 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--what", default=",".join(WORKS), help="comma-separated: " + ", ".join(WORKS))
     parser.add_argument("--checkout", action="append", default=[], help="another bufferfix checkout to count")
+    parser.add_argument("--gc", action="store_true", help="keep the garbage collector on while counting")
     args = parser.parse_args(argv)
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         sys.exit("benchmarks/instructions.py needs valgrind (apt-get install valgrind)")
     variants = {"unpatched": {"BUFFERFIX_DISABLE": "1"}, "bufferfix": {}}
     for path in args.checkout:
         variants[Path(path).name] = {"PYTHONPATH": os.pathsep.join(filter(None, (path, os.environ.get("PYTHONPATH"))))}
+    if args.gc:
+        for environment in variants.values():
+            environment["BENCH_GC"] = "1"
     with tempfile.TemporaryDirectory() as scratch:
         works = [what for what in args.what.split(",") if what]
         checkpoint = save_checkpoint(scratch) if "from_pretrained" in works else None

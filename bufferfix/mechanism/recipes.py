@@ -67,7 +67,8 @@ class Recipe:
         self.default_dtype = default_dtype
         # Arguments are kept by reference, so a config object changed after construction
         # would replay with its new values: each argument object's attributes as they were
-        # at construction (a shallow copy of its __dict__; compared by identity, never ==).
+        # at construction (a shallow copy of its __dict__; compared by identity, never ==),
+        # flat: (argument, attributes, argument, attributes, ...).
         self.argument_states = argument_states
         self.refusal = refusal  # why this constructor must not be re-run, or None
         self._replayed = None  # (module, randomised buffer names) or ReplayError
@@ -83,13 +84,13 @@ class Recipe:
         """Were the arguments, attribute by attribute, the same objects as in ``states``?"""
         return len(states) == len(self.argument_states) and all(
             value is other and _same_attributes(state, other_state)
-            for (value, state), (other, other_state) in zip(self.argument_states, states))
+            for (value, state), (other, other_state) in zip(_pairs(self.argument_states), _pairs(states)))
 
     def arguments_as_recorded(self):
         """``(args, kwargs)`` with every argument object that changed since construction replaced
         by a shallow copy holding its attributes as they were then."""
         restored = {}
-        for value, state in self.argument_states:
+        for value, state in _pairs(self.argument_states):
             if not _same_attributes(_state_of(value), state):
                 duplicate = copy.copy(value)
                 vars(duplicate).clear()
@@ -181,7 +182,9 @@ def _argument_kind(kind):
 
 
 def argument_states(args, kwargs):
-    """``((argument, copy of its attributes), ...)`` for argument objects (configs), or a refusal.
+    """``(argument, copy of its attributes, argument, copy, ...)`` for argument objects (configs),
+    or a refusal.  Flat: a record keeps fewer objects for the garbage collector to count and walk
+    (see :func:`_pairs`).
 
     Runs for every module recorded that has an argument of a type not in
     :data:`plain_argument_types` (a config), hence each argument type is classified once."""
@@ -205,8 +208,13 @@ def argument_states(args, kwargs):
         except AttributeError:  # __slots__ only: nothing to keep
             continue
         if type(state) is dict:
-            states += ((value, state.copy()),)
+            states += (value, state.copy())
     return states
+
+
+def _pairs(states):
+    """``(argument, its attributes)`` pairs of a flat :func:`argument_states` tuple."""
+    return zip(states[::2], states[1::2])
 
 
 _generic_getattr = object.__getattribute__

@@ -23,7 +23,7 @@ from torch import nn
 from . import compat, recipes
 
 logger = logging.getLogger("bufferfix")
-_recorded = {}  # id(module) -> (weakref to the module, Recipe) or (weakref, *the raw construction)
+_recorded = {}  # id(module) -> (weakref to the module, Recipe) or (weakref, *the raw construction: see the hook)
 _PRUNE_AT_LEAST = 4096
 _prune_at = _PRUNE_AT_LEAST
 _parent_index = None  # id(child) -> (weakref to parent, attribute), built when first asked for
@@ -99,7 +99,8 @@ def constructor_hook(switch, unrecorded_classes):
                 states = argument_states(args, kwargs)
                 if type(states) is str:  # refused: keep no arguments, they may hold the model itself alive
                     args, kwargs = (), {}
-            recorded[id(module)] = (new_reference(module), cls, args, kwargs, default_dtype(), states)
+            # An empty kwargs dict is let go (None): one object fewer kept per record for the GC to count.
+            recorded[id(module)] = (new_reference(module), cls, args, kwargs or None, default_dtype(), states)
             _parent_index = None  # the module tree changed
             if len(recorded) > _prune_at:
                 _prune()
@@ -280,7 +281,8 @@ def recipe_of(module):
         return None
     if len(entry) == 2:
         return entry[1]
-    recipe = recipes.intern(*entry[1:])
+    _, cls, args, kwargs, default_dtype, states = entry
+    recipe = recipes.intern(cls, args, kwargs if kwargs is not None else {}, default_dtype, states)
     _recorded[id(module)] = (entry[0], recipe)
     return recipe
 
