@@ -153,7 +153,7 @@ def main(argv=None):
             print("%s (%s, instructions %s)" % (what, row, UNITS[what]))
             for name in variants:
                 value = counts[what, name][row]
-                print("  %-12s %14s  %+12s  %.4f" % (name, "{:,.0f}".format(value), "{:,.0f}".format(value - base),
+                print("  %-20s %14s  %+12s  %.4f" % (name, "{:,.0f}".format(value), "{:,.0f}".format(value - base),
                                                      value / base))
 
 
