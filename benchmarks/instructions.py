@@ -15,6 +15,8 @@ and one per ``--checkout PATH`` (another checkout of bufferfix put first on ``PY
 * ``build``: two Llama-3-70B-shaped ``LlamaForCausalLM`` built under ``torch.device("meta")``
   (1047 modules each; the benchmark's row 3);
 * ``from_pretrained``: two loads of a saved small Llama (row 5);
+* ``moe``: one DeepSeek-V3-shaped MoE, 2 layers x 256 experts, built under meta (row 3m; needs
+  transformers 4.x for one module per expert: ``--python .venv-t4/bin/python``);
 * ``constructions``: 5,000 constructions under meta of a module with plain arguments
   (``Plain(4096, eps=1e-5)``) and of one with a config argument (``WithConfig(config, 3)``): the
   cost per recorded construction.
@@ -32,8 +34,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-WORKS = ("build", "from_pretrained", "constructions")
-UNITS = {"build": "per build", "from_pretrained": "per load", "constructions": "per construction"}
+WORKS = ("build", "from_pretrained", "constructions", "moe")
+UNITS = {"build": "per build", "from_pretrained": "per load", "constructions": "per construction", "moe": "per build"}
 
 WORKER = r'''
 import gc, os, subprocess, sys
@@ -68,6 +70,15 @@ if what == "build":
             bench_models.build(spec, config)
 
     counted("build", build, 2)
+elif what == "moe":  # transformers 4.x: one module per expert (run with --python .venv-t4/bin/python)
+    spec = {"family": "moe", "preset": "deepseek-v3", "dtype": "bfloat16"}
+    config = bench_models.make_config(spec)
+
+    def build():
+        with torch.device("meta"):
+            bench_models.build(spec, config)
+
+    counted("moe", build, 1)
 elif what == "from_pretrained":
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
@@ -97,13 +108,13 @@ else:
 '''
 
 
-def count(variant, environment, what, scratch, checkpoint):
+def count(variant, environment, what, scratch, checkpoint, python=sys.executable):
     out = Path(scratch) / ("%s-%s.out" % (what, variant))
     env = {key: value for key, value in os.environ.items() if key != "BUFFERFIX_DISABLE"}
     env.update(PYTHONHASHSEED="0", BENCH_DIR=str(HERE), BENCH_WHAT=what, BENCH_CHECKPOINT=checkpoint or "",
                HF_HUB_OFFLINE="1", **environment)
     subprocess.run(["valgrind", "--tool=callgrind", "--instr-atstart=no", "--callgrind-out-file=%s" % out,
-                    sys.executable, "-c", WORKER], env=env, cwd=scratch, check=True,
+                    python, "-c", WORKER], env=env, cwd=scratch, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     totals = {}
     for dump in Path(scratch).glob(out.name + ".*"):
@@ -112,8 +123,8 @@ def count(variant, environment, what, scratch, checkpoint):
         total = re.search(r"^totals: (\d+)", text, re.M)
         if label and total:
             totals[label.group(1)] = int(total.group(1))
-    if what == "build" or what == "from_pretrained":
-        return {what: totals[what] / 2}
+    if what in ("build", "from_pretrained", "moe"):
+        return {what: totals[what] / (1 if what == "moe" else 2)}
     return {label: (totals[label] - totals["nothing"]) / 5000 for label in ("plain", "config")}
 
 
@@ -131,6 +142,7 @@ def main(argv=None):
     parser.add_argument("--what", default=",".join(WORKS), help="comma-separated: " + ", ".join(WORKS))
     parser.add_argument("--checkout", action="append", default=[], help="another bufferfix checkout to count")
     parser.add_argument("--gc", action="store_true", help="keep the garbage collector on while counting")
+    parser.add_argument("--python", default=sys.executable, help="the interpreter to count in (moe: transformers 4.x)")
     args = parser.parse_args(argv)
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         sys.exit("benchmarks/instructions.py needs valgrind (apt-get install valgrind)")
@@ -145,8 +157,8 @@ def main(argv=None):
         checkpoint = save_checkpoint(scratch) if "from_pretrained" in works else None
         jobs = [(what, name) for what in works for name in variants]
         with ThreadPoolExecutor(max_workers=2) as pool:
-            counts = dict(zip(jobs, pool.map(lambda job: count(job[1], variants[job[1]], job[0], scratch, checkpoint),
-                                             jobs)))
+            counts = dict(zip(jobs, pool.map(lambda job: count(job[1], variants[job[1]], job[0], scratch, checkpoint,
+                                                               args.python), jobs)))
     for what in works:
         for row in counts[what, "unpatched"]:
             base = counts[what, "unpatched"][row]
