@@ -36,6 +36,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 WORKS = ("build", "from_pretrained", "constructions", "moe")
 UNITS = {"build": "per build", "from_pretrained": "per load", "constructions": "per construction", "moe": "per build"}
+REPEATS = {"build": 2, "from_pretrained": 2, "constructions": 1, "moe": 1}  # times the work is counted
 
 WORKER = r'''
 import gc, os, subprocess, sys
@@ -61,29 +62,22 @@ def counted(label, work, repeat):
     gc.enable()
 
 
-if what == "build":
-    spec = {"family": "llama", "preset": "llama70b", "dtype": "bfloat16"}
+repeat = int(os.environ["BENCH_REPEAT"])
+if what in ("build", "moe"):  # moe: transformers 4.x, one module per expert (--python .venv-t4/bin/python)
+    spec = {"build": {"family": "llama", "preset": "llama70b", "dtype": "bfloat16"},
+            "moe": {"family": "moe", "preset": "deepseek-v3", "dtype": "bfloat16"}}[what]
     config = bench_models.make_config(spec)
 
     def build():
         with torch.device("meta"):
             bench_models.build(spec, config)
 
-    counted("build", build, 2)
-elif what == "moe":  # transformers 4.x: one module per expert (run with --python .venv-t4/bin/python)
-    spec = {"family": "moe", "preset": "deepseek-v3", "dtype": "bfloat16"}
-    config = bench_models.make_config(spec)
-
-    def build():
-        with torch.device("meta"):
-            bench_models.build(spec, config)
-
-    counted("moe", build, 1)
+    counted(what, build, repeat)
 elif what == "from_pretrained":
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
     logging.disable_progress_bar()
-    counted("from_pretrained", lambda: AutoModelForCausalLM.from_pretrained(os.environ["BENCH_CHECKPOINT"]), 2)
+    counted("from_pretrained", lambda: AutoModelForCausalLM.from_pretrained(os.environ["BENCH_CHECKPOINT"]), repeat)
 else:
     config = bench_models.make_config({"family": "llama", "preset": "llama70b", "dtype": "bfloat16"})
 
@@ -103,7 +97,7 @@ else:
             with torch.device("meta"):
                 kept.extend(make() for _ in range(5000))
 
-        counted(label, many, 1)
+        counted(label, many, repeat)
         kept.clear()
 '''
 
@@ -111,7 +105,8 @@ else:
 def count(variant, environment, what, scratch, checkpoint, python=sys.executable):
     out = Path(scratch) / ("%s-%s.out" % (what, variant))
     env = {key: value for key, value in os.environ.items() if key != "BUFFERFIX_DISABLE"}
-    env.update(PYTHONHASHSEED="0", BENCH_DIR=str(HERE), BENCH_WHAT=what, BENCH_CHECKPOINT=checkpoint or "",
+    env.update(PYTHONHASHSEED="0", BENCH_DIR=str(HERE), BENCH_WHAT=what, BENCH_REPEAT=str(REPEATS[what]),
+               BENCH_CHECKPOINT=checkpoint or "",
                HF_HUB_OFFLINE="1", **environment)
     subprocess.run(["valgrind", "--tool=callgrind", "--instr-atstart=no", "--callgrind-out-file=%s" % out,
                     python, "-c", WORKER], env=env, cwd=scratch, check=True,
@@ -124,7 +119,7 @@ def count(variant, environment, what, scratch, checkpoint, python=sys.executable
         if label and total:
             totals[label.group(1)] = int(total.group(1))
     if what in ("build", "from_pretrained", "moe"):
-        return {what: totals[what] / (1 if what == "moe" else 2)}
+        return {what: totals[what] / REPEATS[what]}
     return {label: (totals[label] - totals["nothing"]) / 5000 for label in ("plain", "config")}
 
 
