@@ -1,9 +1,10 @@
 """Instructions, not seconds: what bufferfix adds to a meta build or a from_pretrained (a diagnostic).
 
-    python benchmarks/instructions.py [--what build,from_pretrained,constructions] [--checkout PATH ...]
+    python benchmarks/instructions.py [--what build,from_pretrained,constructions,moe] [--checkout PATH ...] [--gc]
 
 Timings on a shared 2-core machine move by several percent between identical runs; valgrind's
-callgrind counts the instructions a piece of work executes, the same to ~0.3% from run to run.
+callgrind counts the instructions a piece of work executes, far steadier (the 70B build's
+difference moved 5.3-7.2 M over six runs: addresses, hence id()-keyed tables, differ per run).
 Each variant runs in its own interpreter under ``valgrind --tool=callgrind --instr-atstart=no``
 (PYTHONHASHSEED=0, GC off while counting unless ``--gc``); the worker switches counting on and off around the
 work itself (``callgrind_control -i on/off``), so imports and set-up are not counted.
