@@ -40,7 +40,7 @@ def test_import_and_enable_are_idempotent():
         bufferfix.enable(); bufferfix.enable()
         assert torch.nn.Module.__dict__["to_empty"] is wrapper
         assert wrapper.__wrapped__ is not None and not hasattr(wrapper.__wrapped__, "__wrapped__")
-        assert len(torch.nn.modules.module._global_parameter_registration_hooks) == 1
+        assert not torch.nn.modules.module._global_parameter_registration_hooks  # replays patch, see recipes
     """)
 
 

@@ -7,6 +7,7 @@ import inspect
 import threading
 import weakref
 
+import pytest
 import torch
 import wrapt
 from torch import nn
@@ -85,7 +86,7 @@ def test_reload_is_idempotent():
     wrapper = nn.Module.__dict__["to_empty"]
     importlib.reload(bufferfix)
     assert nn.Module.__dict__["to_empty"] is wrapper
-    assert len(nn.modules.module._global_parameter_registration_hooks) == 1
+    assert not nn.modules.module._global_parameter_registration_hooks
     reference = reference_zoo()
     assert_matches_reference(FLOWS["torch.device('meta')"](Zoo, reference.state_dict()), reference)
 
@@ -206,3 +207,135 @@ def test_torch_nn_classes_left_unrecorded_make_no_non_persistent_buffers():
             assert not sub._non_persistent_buffers_set, type(sub)
             assert not [name for name, value in vars(sub).items()
                         if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter)], type(sub)
+
+
+# --------------------------------------------------------------------------- replays and register_parameter
+
+class _TableAndLinear(nn.Module):
+    """A buffer only a replay gives back, and a parameter the replay must not make real."""
+
+    def __init__(self, width=64):
+        super().__init__()
+        self.proj = nn.Linear(width, width)
+        self.register_buffer("table", torch.arange(6.0) * 2, persistent=False)
+
+
+class _FailsInItsReplay(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        if torch.empty(0).device.type == "cpu":  # a replay (on CPU), not the build on meta
+            raise RuntimeError("this constructor cannot be replayed")
+        self.register_buffer("table", torch.arange(6.0), persistent=False)
+
+
+def test_replays_make_no_real_parameter_and_give_register_parameter_back():
+    """While a replay runs, parameters are sent to meta as they are registered (only the buffers
+    are wanted); afterwards, and after a replay that raised, nn.Module.register_parameter is
+    torch's own function again, and no global parameter hook was ever added."""
+    original = nn.Module.__dict__["register_parameter"]
+    real = []
+
+    def watch(module, name, param):  # a global hook runs inside register_parameter, after bufferfix's
+        if param is not None and not param.is_meta:
+            real.append((type(module).__name__, name))
+
+    with torch.device("meta"):
+        model, failing = _TableAndLinear(), _FailsInItsReplay()
+    handle = nn.modules.module.register_module_parameter_registration_hook(watch)
+    try:
+        model.to_empty(device="cpu")
+    finally:
+        handle.remove()
+    assert torch.equal(model.table, torch.arange(6.0) * 2)
+    assert real == [], "a replay made real parameters"
+    assert nn.Module.__dict__["register_parameter"] is original
+    with pytest.warns(bufferfix.BufferFixWarning, match="table"):  # replayed twice: the second time with
+        failing.to_empty(device="cpu")  # real parameters, in case a parameter was what it needed
+    assert nn.Module.__dict__["register_parameter"] is original
+    assert not nn.modules.module._global_parameter_registration_hooks
+
+
+class _MaskOnParameterDevice(nn.Module):
+    """timm Swin's pattern: under accelerate's init_empty_weights() this buffer is born on meta."""
+
+    def __init__(self, width=8):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        index = torch.arange(width, device=self.norm.weight.device)
+        self.register_buffer("mask", (index[:, None] - index[None, :]).remainder(3).eq(0).float(), persistent=False)
+
+
+class _PausesInItsReplay(nn.Module):
+    pause = None  # called once, in the middle of the first replay of this class
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        pause, type(self).pause = type(self).pause, None
+        if pause is not None and torch.empty(0).device.type == "cpu":
+            pause()
+        self.norm = nn.LayerNorm(4)  # registered after the pause: through whatever is on top by then
+        self.register_buffer("table", torch.arange(6.0) * 2, persistent=False)
+
+
+@pytest.mark.parametrize("enters", ["before the replay", "during the replay"])
+@pytest.mark.parametrize("leaves", ["during the replay", "after the replay"])
+def test_accelerate_in_another_thread_and_a_replay_nest(enters, leaves):
+    """A replay puts its parameter conversion in front of nn.Module.register_parameter the way
+    accelerate's init_empty_weights() puts its own: entered and left in another thread at any point
+    of a replay, accelerate's context keeps that thread's parameters on meta (and the buffer made
+    on one is recorded, so it comes out exact), the replay gives the reference's buffers, and
+    torch's own function is back once both are done."""
+    from accelerate import init_empty_weights
+
+    original = nn.Module.__dict__["register_parameter"]
+    inside, build, built, build_again, leave, left = (threading.Event() for _ in range(6))
+    models = []
+
+    def other_thread():
+        with init_empty_weights():
+            inside.set()
+            build.wait(30)
+            models.append(_MaskOnParameterDevice())
+            built.set()
+            build_again.wait(30)
+            models.append(nn.Linear(2, 2))
+            leave.wait(30)
+        left.set()
+
+    thread = threading.Thread(target=other_thread, daemon=True)
+
+    def pause():
+        if enters == "during the replay":
+            thread.start()
+            assert inside.wait(30)
+        build.set()
+        assert built.wait(30)
+        if leaves == "during the replay":
+            build_again.set()
+            leave.set()
+            assert left.wait(30)
+
+    if enters == "before the replay":
+        thread.start()
+        assert inside.wait(30)
+    with torch.device("meta"):
+        model = _PausesInItsReplay()
+    _PausesInItsReplay.pause = pause
+    try:
+        model.to_empty(device="cpu")
+    finally:
+        _PausesInItsReplay.pause = None
+        build.set()
+        build_again.set()
+        leave.set()
+        thread.join(30)
+    assert not thread.is_alive() and len(models) == 2
+    assert torch.equal(model.table, torch.arange(6.0) * 2)
+    mask_built_there, linear_built_there = models
+    assert mask_built_there.norm.weight.is_meta and linear_built_there.weight.is_meta  # accelerate's context held
+    nn.Linear(2, 2)  # one left in place by accelerate takes itself off at a registration outside replays
+    assert nn.Module.__dict__["register_parameter"] is original
+    mask_built_there.to_empty(device="cpu")
+    assert torch.equal(mask_built_there.mask, _MaskOnParameterDevice().mask)

@@ -6,7 +6,6 @@
 * ``Module.__new__``: while meta is the default device, record each constructor call (torch.nn's
   own leaf classes keep C's constructor; ``Module.__init_subclass__`` hooks classes made from them).
 * ``Module.__deepcopy__``: a deep copy keeps the recipes and snapshots of the original.
-* a global parameter-registration hook: during a replay, parameters go to meta.
 * ``DeviceContext.__init__`` (``with torch.device(...)``): counted, see recording.meta_is_default_device.
 """
 import logging
@@ -147,7 +146,6 @@ class TorchNN(Integration):
 
     def __init__(self):
         super().__init__()
-        self._parameter_hook = None  # the global parameter-registration hook (see recipes.parameters_to_meta)
         self.unrecorded_classes = frozenset()  # see recording.torch_nn_own_classes
 
     def _instrument(self, module):
@@ -171,7 +169,6 @@ class TorchNN(Integration):
                            "recorded, so their buffers cannot be recomputed", current_new)
         if "__deepcopy__" not in nn.Module.__dict__ or _is_ours(nn.Module.__dict__["__deepcopy__"], "_deepcopy"):
             nn.Module.__deepcopy__ = _deepcopy
-        self._parameter_hook = compat.register_parameter_hook(recipes.parameters_to_meta)
         # Each `with torch.device(...)` makes a DeviceContext (called from C++): what recording kept
         # about the default device may be stale then, and after any time spent switched off.
         self.wrap(compat.DeviceContext, "__init__", _device_context_made)
@@ -185,9 +182,6 @@ class TorchNN(Integration):
             del nn.Module.__init_subclass__  # classes made while off are hooked at the next enable
         if _is_ours(nn.Module.__dict__.get("__deepcopy__"), "_deepcopy"):
             del nn.Module.__deepcopy__
-        if self._parameter_hook is not None:
-            self._parameter_hook.remove()
-            self._parameter_hook = None
 
 
 INTEGRATION = TorchNN()

@@ -38,12 +38,10 @@ global_device_context = _resolve("torch._GLOBAL_DEVICE_CONTEXT (torch.set_defaul
 WeakIdKeyDictionary = _resolve("torch.utils.weak.WeakIdKeyDictionary",
                                lambda: __import__("torch.utils.weak", fromlist=["_"]).WeakIdKeyDictionary)
 TorchFunctionMode = _resolve("torch.overrides.TorchFunctionMode", lambda: torch.overrides.TorchFunctionMode)
-register_parameter_hook = _resolve("torch.nn.modules.module.register_module_parameter_registration_hook",
-                                   lambda: torch.nn.modules.module.register_module_parameter_registration_hook)
 reconstruct = _resolve("copy._reconstruct (what Module.__deepcopy__ delegates to)", lambda: copy._reconstruct)
 
 NAMES = ("parse_to", "function_mode_stack_length", "function_mode_at", "DeviceContext", "global_device_context",
-         "WeakIdKeyDictionary", "TorchFunctionMode", "register_parameter_hook", "reconstruct")
+         "WeakIdKeyDictionary", "TorchFunctionMode", "reconstruct")
 
 
 def device_context():

@@ -254,11 +254,10 @@ def raw_version(tensor):
 # --------------------------------------------------------------------------- replay
 
 def parameters_to_meta(module, name, param):
-    """Global parameter-registration hook: during a replay, parameters go straight to meta (only
-    the buffers are wanted, so no weight memory is touched).  It stays installed: adding it per
-    replay would mutate torch's hook dict while another thread iterates it."""
+    """During a replay, parameters go straight to meta (only the buffers are wanted, so no weight
+    memory is touched): the parameter to register instead, or None to keep ``param``."""
     if not replays_running or not _local.replaying or _local.real_parameters or param is None or param.is_meta:
-        return None  # every parameter registered goes through here: the cheapest checks first
+        return None  # the cheapest checks first: other threads' registrations pass through here too
     if type(param) is nn.Parameter:
         return nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
     try:  # Parameter subclasses keep their extra state, as accelerate's init_on_device does
@@ -266,6 +265,42 @@ def parameters_to_meta(module, name, param):
         return type(param)(param.detach().to("meta"), **state)
     except Exception:
         return None
+
+
+def _put_parameters_on_meta():
+    """Put :func:`parameters_to_meta` in front of ``nn.Module.register_parameter`` while replays
+    run (from the outermost one, under the replay lock).  Only then: a global parameter-registration
+    hook would cost every parameter of every model built ~1,700 instructions (a 70B Llama: 1.2 M).
+
+    The class attribute is replaced the way accelerate's ``init_empty_weights()`` replaces it, so
+    the two nest: each installation is a new function that calls the one it displaced.  An
+    accelerate context entered in another thread during a replay puts its own on top and, when it
+    exits, puts this one back: left in place, it passes every call on, and takes itself off at the
+    first call made while no replay runs."""
+    displaced = nn.Module.__dict__["register_parameter"]
+
+    def register_parameter(self, name, param):
+        if not replays_running:
+            _take_parameters_off_meta()
+        converted = parameters_to_meta(self, name, param)
+        return displaced(self, name, param if converted is None else converted)
+
+    register_parameter.bufferfix_displaced = displaced  # also read by recording.parameters_put_on_meta
+    nn.Module.register_parameter = register_parameter
+
+
+def _take_parameters_off_meta():
+    """Undo :func:`_put_parameters_on_meta`, as far as its functions are on top (one under an
+    accelerate context's stays until that context puts it back on top)."""
+    if not _replay_lock.acquire(blocking=False):
+        return  # a replay is starting or running in another thread: it takes them off when done
+    try:
+        current = nn.Module.__dict__.get("register_parameter")
+        while not replays_running and getattr(current, "bufferfix_displaced", None) is not None:
+            current = current.bufferfix_displaced
+            nn.Module.register_parameter = current
+    finally:
+        _replay_lock.release()
 
 
 @contextlib.contextmanager
@@ -281,11 +316,13 @@ def _isolated(default_dtype, device="cpu"):
         numpy_rng = numpy.random.get_state() if numpy is not None else None
         _local.replaying = True
         replays_running += 1
-        # A device context sends every torch call through Python (~50 us per replay): skip it when
-        # the default device is already the one wanted.
-        context = compat.device_context()
-        on_device = contextlib.nullcontext() if device == "cpu" and context is None else torch.device(device)
         try:
+            if replays_running == 1:
+                _put_parameters_on_meta()
+            # A device context sends every torch call through Python (~50 us per replay): skip it when
+            # the default device is already the one wanted.
+            on_device = (contextlib.nullcontext() if device == "cpu" and compat.device_context() is None
+                         else torch.device(device))
             with torch.random.fork_rng(devices=[]), on_device:
                 torch.set_default_dtype(default_dtype)
                 yield
@@ -296,6 +333,8 @@ def _isolated(default_dtype, device="cpu"):
                 numpy.random.set_state(numpy_rng)
             _local.replaying = previous
             replays_running -= 1
+            if not replays_running:
+                _take_parameters_off_meta()
 
 
 def _construct(recipe, seed, real_parameters=False):

@@ -174,12 +174,14 @@ def parameters_put_on_meta():
     current = nn.Module.__dict__.get("register_parameter")
     if current is _last_register_parameter[0]:
         return _last_register_parameter[1]
-    on_meta = False
-    for cell in getattr(current, "__closure__", None) or ():
-        try:
-            on_meta = on_meta or is_meta_device(cell.cell_contents)
-        except ValueError:  # an empty cell
-            pass
+    on_meta, function = False, current
+    while function is not None and not on_meta:  # through the ones replays put in front (recipes)
+        for cell in getattr(function, "__closure__", None) or ():
+            try:
+                on_meta = on_meta or is_meta_device(cell.cell_contents)
+            except ValueError:  # an empty cell
+                pass
+        function = getattr(function, "bufferfix_displaced", None)
     _last_register_parameter = (current, on_meta)
     return on_meta
 
