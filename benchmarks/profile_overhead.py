@@ -6,8 +6,7 @@ In one process, the same work is timed with bufferfix disabled, fully enabled, a
 one piece switched off at a time, alternating round by round; the difference to "enabled" is
 what that piece costs.  Then the per-call cost of each bufferfix hook is timed directly.
 Pieces: the nn.Module.__new__ recording (``recording.constructor_hook``; its instruction counts are
-in the README's benchmark section), the global parameter-registration hook (``parameters_to_meta``),
-and, at materialisation,
+in the README's benchmark section) and, at materialisation,
 ``Materialisation.__init__`` (plan), ``restore`` (of which ``recipes.forget_all`` and constructor
 replay).
 """
@@ -40,24 +39,9 @@ def patched(obj, name, value):
         setattr(obj, name, original)
 
 
-@contextlib.contextmanager
-def without_parameter_hook():
-    """Remove bufferfix's global parameter-registration hook."""
-    registry = nn.modules.module._global_parameter_registration_hooks
-    target = recipes.parameters_to_meta
-    removed = {key: hook for key, hook in registry.items() if hook is target}
-    for key in removed:
-        del registry[key]
-    try:
-        yield
-    finally:
-        registry.update(removed)
-
-
 VARIANTS = {
     "disabled": bufferfix.disabled,
     "enabled": contextlib.nullcontext,
-    "enabled, no parameter-registration hook": without_parameter_hook,
 }
 
 
@@ -163,7 +147,7 @@ def main(argv=None):
     import warnings
 
     from transformers import AutoModelForCausalLM
-    from bufferfix.integrations import transformers as tf_integration
+    from bufferfix.integrations.transformers import INTEGRATION as tf_integration
 
     small = {"family": "llama", "preset": "tiny" if args.quick else "small", "dtype": "float32"}
     with tempfile.TemporaryDirectory() as tmp:
@@ -189,7 +173,6 @@ def main(argv=None):
         variants = {
             "disabled": bufferfix.disabled,
             "enabled": contextlib.nullcontext,
-            "enabled, no parameter-registration hook": VARIANTS["enabled, no parameter-registration hook"],
             "enabled, transformers integration removed": no_transformers_wrapper,
         }
         report("from_pretrained of a saved LlamaForCausalLM(%s)" % small["preset"], time_variants(load, args.rounds * 2,
