@@ -1,10 +1,13 @@
 """Instructions, not seconds: what bufferfix adds to a meta build or a from_pretrained (a diagnostic).
 
     python benchmarks/instructions.py [--what build,from_pretrained,constructions,moe] [--checkout PATH ...] [--gc]
+                                      [--rounds N]
 
 Timings on a shared 2-core machine move by several percent between identical runs; valgrind's
-callgrind counts the instructions a piece of work executes, far steadier (the 70B build's
-difference moved 5.3-7.2 M over six runs: addresses, hence id()-keyed tables, differ per run).
+callgrind counts the instructions a piece of work executes, far steadier, though not exactly
+repeatable: addresses, hence id()-keyed tables, differ per run (the unpatched 70B build moved by
+1.3 M over three runs).  ``--rounds N`` counts every variant N times and gives the mean and the
+range: a difference is real when the ranges do not overlap.
 Each variant runs in its own interpreter under ``valgrind --tool=callgrind --instr-atstart=no``
 (PYTHONHASHSEED=0, GC off while counting unless ``--gc``); the worker switches counting on and off around the
 work itself (``callgrind_control -i on/off``), so imports and set-up are not counted.
@@ -103,8 +106,8 @@ else:
 '''
 
 
-def count(variant, environment, what, scratch, checkpoint, python=sys.executable):
-    out = Path(scratch) / ("%s-%s.out" % (what, variant))
+def count(variant, environment, what, scratch, checkpoint, python=sys.executable, round_=0):
+    out = Path(scratch) / ("%s-%s-%d.out" % (what, variant, round_))
     env = {key: value for key, value in os.environ.items() if key != "BUFFERFIX_DISABLE"}
     env.update(PYTHONHASHSEED="0", BENCH_DIR=str(HERE), BENCH_WHAT=what, BENCH_REPEAT=str(REPEATS[what]),
                BENCH_CHECKPOINT=checkpoint or "",
@@ -139,6 +142,7 @@ def main(argv=None):
     parser.add_argument("--checkout", action="append", default=[], help="another bufferfix checkout to count")
     parser.add_argument("--gc", action="store_true", help="keep the garbage collector on while counting")
     parser.add_argument("--python", default=sys.executable, help="the interpreter to count in (moe: transformers 4.x)")
+    parser.add_argument("--rounds", type=int, default=1, help="count every variant this many times (mean, range)")
     args = parser.parse_args(argv)
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         sys.exit("benchmarks/instructions.py needs valgrind (apt-get install valgrind)")
@@ -151,18 +155,27 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as scratch:
         works = [what for what in args.what.split(",") if what]
         checkpoint = save_checkpoint(scratch) if "from_pretrained" in works else None
-        jobs = [(what, name) for what in works for name in variants]
+        jobs = [(what, name, round_) for round_ in range(args.rounds) for what in works for name in variants]
         with ThreadPoolExecutor(max_workers=2) as pool:
-            counts = dict(zip(jobs, pool.map(lambda job: count(job[1], variants[job[1]], job[0], scratch, checkpoint,
-                                                               args.python), jobs)))
+            counted = pool.map(lambda job: count(job[1], variants[job[1]], job[0], scratch, checkpoint, args.python,
+                                                 job[2]), jobs)
+            counts = {}
+            for (what, name, _), result in zip(jobs, counted):
+                for row, value in result.items():
+                    counts.setdefault((what, name, row), []).append(value)
     for what in works:
-        for row in counts[what, "unpatched"]:
-            base = counts[what, "unpatched"][row]
-            print("%s (%s, instructions %s)" % (what, row, UNITS[what]))
+        rows = [row for (work, name, row) in counts if work == what and name == "unpatched"]
+        for row in rows:
+            base = sum(counts[what, "unpatched", row]) / args.rounds
+            print("%s (%s, instructions %s%s)" % (what, row, UNITS[what],
+                                                   ", mean of %d rounds, range" % args.rounds if args.rounds > 1 else ""))
             for name in variants:
-                value = counts[what, name][row]
-                print("  %-20s %14s  %+12s  %.4f" % (name, "{:,.0f}".format(value), "{:,.0f}".format(value - base),
-                                                     value / base))
+                values = counts[what, name, row]
+                value = sum(values) / len(values)
+                spread = ("  [%s .. %s]" % ("{:,.0f}".format(min(values)), "{:,.0f}".format(max(values)))
+                          if len(values) > 1 else "")
+                print("  %-20s %14s  %+12s  %.4f%s" % (name, "{:,.0f}".format(value), "{:,.0f}".format(value - base),
+                                                       value / base, spread))
 
 
 if __name__ == "__main__":
