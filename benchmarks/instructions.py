@@ -31,6 +31,7 @@ import argparse
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -166,12 +167,12 @@ def main(argv=None):
     for what in works:
         rows = [row for (work, name, row) in counts if work == what and name == "unpatched"]
         for row in rows:
-            base = sum(counts[what, "unpatched", row]) / args.rounds
+            base = statistics.fmean(counts[what, "unpatched", row])
             print("%s (%s, instructions %s%s)" % (what, row, UNITS[what],
                                                    ", mean of %d rounds, range" % args.rounds if args.rounds > 1 else ""))
             for name in variants:
                 values = counts[what, name, row]
-                value = sum(values) / len(values)
+                value = statistics.fmean(values)
                 spread = ("  [%s .. %s]" % ("{:,.0f}".format(min(values)), "{:,.0f}".format(max(values)))
                           if len(values) > 1 else "")
                 print("  %-20s %14s  %+12s  %.4f%s" % (name, "{:,.0f}".format(value), "{:,.0f}".format(value - base),

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import Worker, interleave, median, seconds  # noqa: E402
+from run import Worker, median, seconds, three_way  # noqa: E402
 
 
 def one_set(spec, reps, log_dir):
@@ -28,9 +28,7 @@ def one_set(spec, reps, log_dir):
     try:
         for worker in workers.values():
             worker.wait_ready()
-        jobs = [{"label": label, "worker": worker, "task": "meta_build", "args": {"spec": spec}, "reps": reps}
-                for label, worker in workers.items()]
-        results = interleave(jobs)
+        results, _ = three_way(workers["with"], workers["without"], workers["aa"], "meta_build", {"spec": spec}, reps)
     finally:
         for worker in workers.values():
             worker.close()
