@@ -173,9 +173,9 @@ def main(argv=None):
             for name in variants:
                 values = counts[what, name, row]
                 value = statistics.fmean(values)
-                spread = ("  [%s .. %s]" % ("{:,.0f}".format(min(values)), "{:,.0f}".format(max(values)))
+                spread = ("  [%s .. %s]" % (f"{min(values):,.0f}", f"{max(values):,.0f}")
                           if len(values) > 1 else "")
-                print("  %-20s %14s  %+12s  %.4f%s" % (name, "{:,.0f}".format(value), "{:,.0f}".format(value - base),
+                print("  %-20s %14s  %+12s  %.4f%s" % (name, f"{value:,.0f}", f"{value - base:,.0f}",
                                                        value / base, spread))
 
 

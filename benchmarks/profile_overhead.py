@@ -20,13 +20,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bufferfix  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import bench_models
+import torch
+from torch import nn
 
-import bench_models  # noqa: E402
-from bufferfix.mechanism import recipes, recording, sources  # noqa: E402
-from bufferfix.mechanism import restore as materialise  # noqa: E402
+import bufferfix
+from bufferfix.mechanism import recipes, recording, sources
+from bufferfix.mechanism import restore as materialise
 
 
 @contextlib.contextmanager
@@ -47,7 +47,7 @@ VARIANTS = {
 
 def time_variants(work, rounds, variants=VARIANTS):
     samples = {name: [] for name in variants}
-    for name, variant in variants.items():  # warm-up
+    for variant in variants.values():  # warm-up
         with variant():
             work()
     for index in range(rounds):
@@ -147,6 +147,7 @@ def main(argv=None):
     import warnings
 
     from transformers import AutoModelForCausalLM
+
     from bufferfix.integrations.transformers import INTEGRATION as tf_integration
 
     small = {"family": "llama", "preset": "tiny" if args.quick else "small", "dtype": "float32"}

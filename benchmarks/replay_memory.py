@@ -21,9 +21,10 @@ import json
 import time
 import weakref
 
-import bufferfix  # noqa: F401 - before torch builds anything
 import torch
 from torch import nn
+
+import bufferfix  # noqa: F401 - before torch builds anything
 
 
 class _Block(nn.Module):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import Worker, median, seconds, three_way  # noqa: E402
+from run import Worker, median, seconds, three_way
 
 
 def one_set(spec, reps, log_dir):

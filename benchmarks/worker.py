@@ -28,11 +28,11 @@ os.dup2(2, 1)  # stray prints from libraries must not corrupt the protocol
 sys.stdout = sys.stderr
 
 _t0 = time.perf_counter()
-import bufferfix  # noqa: E402  (first, as users are told to)
+import bench_models  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-import bench_models  # noqa: E402
+import bufferfix  # noqa: E402  (first, as users are told to)
 
 IMPORT_S = time.perf_counter() - _t0
 ENABLED = bufferfix.is_enabled()
@@ -541,7 +541,7 @@ TASKS = {name[len("task_"):]: function for name, function in globals().items() i
 
 
 def main():
-    import transformers  # noqa: F401  (import cost paid before "ready", in both workers alike)
+    import transformers
     import transformers.models.llama.modeling_llama  # noqa: F401
 
     # Everything imported so far lives for the whole process: keep it out of the collector's way,

@@ -11,11 +11,11 @@ replay, restore); ``tools/`` (the ``bufferfix`` command) beside them.
 import dataclasses
 import logging
 import sys
-from typing import Callable, ContextManager, List, Optional, Type
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 from .activation import registry, settings
 from .errors import BufferFixWarning, UnrecoverableBufferError, UnrecoverableBufferWarning
-
 from .recovery import Attempt, Reason, Recovery, Source  # standard library only
 from .reporting import is_strict, set_strict
 
@@ -41,7 +41,7 @@ def disable() -> None:
     registry.disable()
 
 
-def disabled() -> ContextManager[None]:
+def disabled() -> AbstractContextManager[None]:
     """``with bufferfix.disabled():`` bufferfix off inside the block, back to its previous state after."""
     return registry.disabled()
 
@@ -50,21 +50,21 @@ def is_enabled() -> bool:
     return registry.is_enabled()
 
 
-def register_recompute(cls: Type, fn: Optional[Callable] = None):
+def register_recompute(cls: type, fn: Callable | None = None):
     """See :func:`bufferfix.mechanism.recompute.register_recompute`."""
     from .mechanism import recompute
 
     return recompute.register_recompute(cls, fn)
 
 
-def never_replay(cls: Type) -> Type:
+def never_replay(cls: type) -> type:
     """See :func:`bufferfix.mechanism.recompute.never_replay`."""
     from .mechanism import recompute
 
     return recompute.never_replay(cls)
 
 
-def explain(model) -> List[Recovery]:
+def explain(model) -> list[Recovery]:
     """How each non-persistent buffer (or plain tensor attribute) of ``model`` that needs a value
     would be recovered if it were materialised now; changes nothing.  Imports torch."""
     from .mechanism.restore import Materialisation

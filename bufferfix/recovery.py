@@ -6,7 +6,6 @@ Standard library only.
 """
 import dataclasses
 import enum
-from typing import Optional, Tuple
 
 
 class Source(enum.Enum):
@@ -41,7 +40,7 @@ class Reason(enum.Enum):
 class Attempt:
     """One way of recovering a value that did not work."""
 
-    origin: Optional[str]  # "module.Class" whose recipe / recompute function was tried, None if there was none
+    origin: str | None  # "module.Class" whose recipe / recompute function was tried, None if there was none
     reason: Reason
     detail: str = ""  # words for humans only: never parse it
 
@@ -53,11 +52,11 @@ class Recovery:
     name: str  # qualified path in the model, e.g. "model.layers.0.self_attn.rotary_emb.inv_freq"
     owner: str  # class qualname of the module holding it
     kind: str  # "buffer" or "attribute"
-    source: Optional[Source]  # None: not recovered
-    origin: Optional[str] = None  # "module.Class" whose recipe / recompute function gave (or failed to give) it
-    reason: Optional[Reason] = None  # set when source is None
+    source: Source | None  # None: not recovered
+    origin: str | None = None  # "module.Class" whose recipe / recompute function gave (or failed to give) it
+    reason: Reason | None = None  # set when source is None
     detail: str = ""  # words for humans only (an exception message, shapes): never parse it
-    attempts: Tuple[Attempt, ...] = ()  # when not recovered: every way tried, the nearest module first
+    attempts: tuple[Attempt, ...] = ()  # when not recovered: every way tried, the nearest module first
 
     @property
     def recovered(self) -> bool:

@@ -1,7 +1,7 @@
 """The formatting layer: the only place :class:`~bufferfix.recovery.Recovery` values
 become words (warnings, errors, debug logs, the doctor's report), and strict mode, which
 decides between a warning and an error."""
-from typing import Iterable
+from collections.abc import Iterable
 
 from . import errors
 from .activation import settings

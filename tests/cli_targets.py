@@ -1,8 +1,7 @@
 """Models for ``python -m bufferfix.doctor module:callable`` in tests/test_cli.py."""
 import torch
-from torch import nn
-
 from models import CausalMask, Sinusoidal
+from torch import nn
 
 
 class Positions(nn.Module):

@@ -17,12 +17,12 @@ import gc
 import time
 import traceback
 import warnings
-from typing import Callable, Optional
+from collections.abc import Callable
 
+import sweep
 import torch
 
 import bufferfix
-import sweep
 from bufferfix.flows import FLOWS, uninitialised_memory_is_poisoned
 from bufferfix.tools.compare import identical, non_persistent_buffers, qualified, sharing, tensor_attributes
 
@@ -55,10 +55,10 @@ GENERIC_FLOWS = dict(FLOWS, **{ASSIGN: assign_flow})
 class Case:
     name: str
     build: Callable  # () -> nn.Module, unseeded: check() seeds it
-    inputs: Optional[Callable] = None  # (model) -> dict of keyword arguments for forward, or None
+    inputs: Callable | None = None  # (model) -> dict of keyword arguments for forward, or None
     loaders: dict = dataclasses.field(default_factory=dict)  # flow name -> (build, reference) -> model
-    forward: Optional[Callable] = None  # (model, inputs) -> output; default model(**inputs)
-    flows: Optional[list] = None  # default: every generic flow, then the loaders
+    forward: Callable | None = None  # (model, inputs) -> output; default model(**inputs)
+    flows: list | None = None  # default: every generic flow, then the loaders
 
 
 @dataclasses.dataclass

@@ -35,16 +35,16 @@ import warnings
 
 import torch
 
-import bufferfix  # noqa: E402
-from bufferfix.flows import FLOWS, uninitialised_memory_is_poisoned  # noqa: E402
-from bufferfix.tools.compare import identical, non_persistent_buffers, sharing, tensor_attributes  # noqa: E402
+import bufferfix
+from bufferfix.flows import FLOWS, uninitialised_memory_is_poisoned
+from bufferfix.tools.compare import identical, non_persistent_buffers, sharing, tensor_attributes
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: nothing here needs the hub
 
-import transformers  # noqa: E402
-from transformers.models.auto import configuration_auto, modeling_auto  # noqa: E402
+import transformers
+from transformers.models.auto import configuration_auto, modeling_auto
 
-from bufferfix.tools.tiny_configs import LEVELS, VOCAB, tiny_config  # noqa: E402  (shared with the doctor)
+from bufferfix.tools.tiny_configs import LEVELS, VOCAB, tiny_config
 
 transformers.logging.set_verbosity_error()
 transformers.logging.disable_progress_bar()
@@ -74,7 +74,7 @@ def architectures():
     return {model_type: found.get(model_type) for model_type in configuration_auto.CONFIG_MAPPING_NAMES}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _parents():
     """{model_type of a sub-config: [model_types whose config holds it]}."""
     parents = {}

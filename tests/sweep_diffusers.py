@@ -17,9 +17,8 @@ import re
 import sys
 import tempfile
 
-import torch
-
 import libsweep
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -172,7 +171,7 @@ def _from_pretrained(**options):
 def cases():
     found = []
     for cls in model_classes():
-        def build(cls=cls, memo={}):
+        def build(cls=cls, memo={}):  # noqa: B006 - the memo is meant to outlive the call
             if cls not in memo:
                 torch_state = torch.random.get_rng_state()
                 try:

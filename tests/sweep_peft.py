@@ -18,9 +18,8 @@ import os
 import sys
 import tempfile
 
-import torch
-
 import libsweep
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

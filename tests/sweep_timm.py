@@ -40,21 +40,21 @@ import torch
 if __package__ in (None, ""):  # run as a script: make `compare` importable like pytest does
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import bufferfix  # noqa: E402
-from bufferfix.flows import FLOWS, uninitialised_memory_is_poisoned  # noqa: E402
+from libsweep import _names_differing, bufferfix_enabled
+from sweep import _TimeLimit, time_limit
 
-from bufferfix.tools.compare import identical, non_persistent_buffers, sharing, tensor_attributes  # noqa: E402
-from libsweep import _names_differing, bufferfix_enabled  # noqa: E402  (shared with the other library sweeps)
-from sweep import _TimeLimit, time_limit  # noqa: E402
+import bufferfix
+from bufferfix.flows import FLOWS, uninitialised_memory_is_poisoned
+from bufferfix.tools.compare import identical, non_persistent_buffers, sharing, tensor_attributes
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: pretrained=False never downloads
 
-import timm  # noqa: E402
-import timm.data  # noqa: E402
-from timm.models import _registry  # noqa: E402
+import timm
+import timm.data
+from timm.models import _registry
 
 try:  # timm's own manual fix (recent timm); create_model does not call it
-    from timm.models._manipulate import reinit_non_persistent_buffers  # noqa: E402
+    from timm.models._manipulate import reinit_non_persistent_buffers
 except ImportError:  # pragma: no cover - older timm: that flow then raises and is reported as such
     def reinit_non_persistent_buffers(model):
         raise NotImplementedError("timm %s has no reinit_non_persistent_buffers" % timm.__version__)

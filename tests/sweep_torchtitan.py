@@ -13,9 +13,8 @@ import dataclasses
 import importlib
 import sys
 
-import torch
-
 import libsweep
+import torch
 
 FAMILIES = ["llama3", "qwen3", "qwen3_5", "deepseek_v3", "gpt_oss", "kimi_k2_7", "muse_glimmer", "flux"]
 MAX_SEQ_LEN = 64

@@ -15,9 +15,8 @@ import inspect
 import pkgutil
 import sys
 
-import torch
-
 import libsweep
+import torch
 
 TINY = dict(vocab_size=128, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64, head_dim=16,
             intermediate_dim=128, max_seq_len=64, lora_rank=4, lora_alpha=8.0, num_classes=3, mlp_dim=128,

@@ -4,10 +4,9 @@ import torch
 
 accelerate = pytest.importorskip("accelerate")
 from accelerate import init_empty_weights, load_checkpoint_and_dispatch, load_checkpoint_in_model  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-
 from compare import assert_matches_reference, broken_buffers  # noqa: E402
 from models import Zoo  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 
 
 @pytest.fixture

@@ -48,7 +48,7 @@ SUBSET = {
 FLOW = "torch.device('meta')"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def checked(model_type):
     return sweep.check(model_type)
 

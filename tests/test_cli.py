@@ -10,12 +10,12 @@ import sys
 
 import pytest
 import torch
+from compare import identical, non_persistent_buffers, tensor_attributes
 
 import bufferfix
 from bufferfix import reporting
 from bufferfix.flows import FLOWS
 from bufferfix.tools import cli, demo, doctor
-from compare import identical, non_persistent_buffers, tensor_attributes
 
 try:
     import accelerate  # noqa: F401  (the flows' init_empty_weights)

@@ -14,8 +14,8 @@ import pytest
 pytest.importorskip("diffusers")
 pytest.importorskip("accelerate")
 
-import libsweep  # noqa: E402
-import sweep_diffusers  # noqa: E402
+import libsweep
+import sweep_diffusers
 
 SUBSET = {
     "diffusers.PriorTransformer": "bool causal-mask buffer",
@@ -31,7 +31,7 @@ WEIGHT_NORM = {"diffusers.MiniMaxMusic3Vocoder": "torch.nn.utils.weight_norm on 
 CASES = libsweep.subset(sweep_diffusers.cases(), list(SUBSET) + list(WEIGHT_NORM))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def checked(name):
     return libsweep.check(CASES[name])
 

@@ -130,7 +130,7 @@ class Job:
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def run(bufferfix_on):
         return Job(bufferfix_on, str(tmp_path_factory.mktemp("bufferfix_on" if bufferfix_on else "bufferfix_off")))
 

@@ -13,14 +13,14 @@ import warnings
 
 import pytest
 import torch
+from compare import assert_matches_reference, broken_buffers
+from models import Layer, Rotary, Sinusoidal, Zoo
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
 import bufferfix
 from bufferfix.integrations.base import Restoring
 from bufferfix.mechanism import restore
-from compare import assert_matches_reference, broken_buffers
-from models import Layer, Rotary, Sinusoidal, Zoo
 
 OOM = "CUDA out of memory. Tried to allocate 2.00 GiB"
 
@@ -147,7 +147,7 @@ def test_allocation_of_one_parameter_fails(error, recurse):
                 module.to_empty(device="cpu", recurse=recurse)
     assert caught.value is error
     for module in modules:  # retry
-        quiet(lambda: module.to_empty(device="cpu", recurse=recurse))
+        quiet(lambda module=module: module.to_empty(device="cpu", recurse=recurse))
     model.load_state_dict(reference.state_dict())
     assert_matches_reference(model, reference)
 
@@ -185,7 +185,7 @@ def test_the_restore_itself_interrupted_leaves_marks_that_the_retry_fills(monkey
         model.to_empty(device="cpu")
     assert bufferfix.held().pending > start
     monkeypatch.setattr(restore.Materialisation, "fill", real_fill)
-    quiet(lambda: model.to_empty(device="cpu"))
+    quiet(lambda model=model: model.to_empty(device="cpu"))
     model.load_state_dict(reference.state_dict())
     assert_matches_reference(model, reference)
     del model
@@ -365,7 +365,7 @@ def test_accelerate_call_that_raises_leaves_buffers_exact(call, tmp_path):
     reference = Stack()
     with accelerate.init_empty_weights(include_buffers=True):
         model = Stack()
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 - each call raises its own kind; the test is what follows
         if call == "dispatch_model":
             accelerate.dispatch_model(model, device_map={"": "no-such-device"})
         else:

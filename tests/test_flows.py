@@ -1,11 +1,10 @@
 """Every meta flow, on hand-written modules: bit-identical with bufferfix, broken without."""
 import pytest
 import torch
+from compare import assert_matches_reference, broken_buffers
+from models import Alibi, CausalMask, OnTorchChildren, PositionIds, ScaledAfterRegistration, Signature, Sinusoidal, Zoo
 
 from bufferfix.flows import FLOWS
-from compare import assert_matches_reference, broken_buffers
-from models import (Alibi, CausalMask, OnTorchChildren, PositionIds, ScaledAfterRegistration, Signature, Sinusoidal,
-                    Zoo)
 
 MODELS = {
     "zoo": lambda: Zoo(),

@@ -10,12 +10,12 @@ import weakref
 import pytest
 import torch
 import wrapt
+from compare import assert_matches_reference, broken_buffers
+from models import Layer, Zoo
 from torch import nn
 
 import bufferfix
 from bufferfix.flows import FLOWS
-from compare import assert_matches_reference, broken_buffers
-from models import Layer, Zoo
 
 ORIGINAL_TO_EMPTY_SIGNATURE = "(self, *, device: 'DeviceLikeType | None', recurse: 'bool' = True) -> 'Self'"
 
@@ -169,8 +169,9 @@ def test_deepcopy_of_a_layer_built_on_meta_keeps_its_recipe_only_while_needed():
 
 
 def test_module_by_module_materialisation_keeps_a_parent_recipe_only_until_its_subtree_is_done():
-    from bufferfix.mechanism import recording
     from models import OnTorchChildren
+
+    from bufferfix.mechanism import recording
 
     waiting_before = recording.awaiting_count()
     with torch.device("meta"):

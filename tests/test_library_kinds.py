@@ -6,12 +6,12 @@ constructor registers only off meta (torchtune's rope_init()), and legacy weight
 import math
 import warnings
 
+import libsweep
 import pytest
 import torch
 from torch import nn
 
 import bufferfix
-import libsweep
 from bufferfix.mechanism import missing
 
 

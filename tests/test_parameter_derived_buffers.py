@@ -14,10 +14,10 @@ import weakref
 
 import pytest
 import torch
+from compare import assert_matches_reference, broken_buffers
 from torch import nn
 
 from bufferfix.flows import FLOWS
-from compare import assert_matches_reference, broken_buffers
 
 DIM = 64
 

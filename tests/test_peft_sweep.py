@@ -15,10 +15,11 @@ import pytest
 pytest.importorskip("peft")
 pytest.importorskip("accelerate")
 
-import bufferfix  # noqa: E402
-import libsweep  # noqa: E402
-import sweep_peft  # noqa: E402
-from bufferfix.recovery import Reason  # noqa: E402
+import libsweep
+import sweep_peft
+
+import bufferfix
+from bufferfix.recovery import Reason
 
 SUBSET = {
     "peft.LORA": "LoRA layers over the base's rotary inv_freq",
@@ -37,7 +38,7 @@ FROM_A_PRETRAINED_WEIGHT = ["peft.OSF", "peft.PSOFT", "peft.TRAINABLE_TOKENS"]  
 CASES = libsweep.subset(sweep_peft.cases(), list(SUBSET) + FROM_A_PRETRAINED_WEIGHT)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def checked(name):
     return libsweep.check(CASES[name])
 

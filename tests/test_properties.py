@@ -5,13 +5,13 @@ import os
 
 import pytest
 import torch
+from compare import assert_matches_reference
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import bufferfix
 from bufferfix.flows import FLOWS
-from compare import assert_matches_reference
 
 KINDS = ["float32", "bfloat16", "float64", "int64", "bool", "expanded", "scalar", "none"]
 

@@ -11,10 +11,10 @@ import threading
 
 import pytest
 import torch
-
-import bufferfix
 from compare import assert_matches_reference, broken_buffers
 from models import Sinusoidal
+
+import bufferfix
 
 
 def reference():

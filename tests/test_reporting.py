@@ -5,12 +5,12 @@ import warnings
 
 import pytest
 import torch
+from compare import assert_matches_reference, identical
+from models import Layer, Rotary, Zoo
 from torch import nn
 
 import bufferfix
 from bufferfix.flows import FLOWS
-from compare import assert_matches_reference, identical
-from models import Layer, Rotary, Zoo
 
 
 class RandomProjection(nn.Module):

@@ -250,7 +250,7 @@ def test_python_S_E_and_I_do_not_activate(env):
         assert env.out(STATE + "; print(%s)" % TRIGGERS, option, BUFFERFIX_AUTO="1") == ["False"] * 3 + ["0"]
 
 
-# --- the launcher (the bootstrap is in site-packages or in the source tree: both modes once) ----------------------------------------------------------------------------------
+# --- the launcher (the bootstrap is in site-packages or in the source tree: both modes once) ------------------------
 
 REGULAR_ONLY = pytest.mark.parametrize("venv", ["regular"], indirect=True)
 

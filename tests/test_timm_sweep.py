@@ -44,7 +44,7 @@ SUBSET = {
     "resnetblur18": (dict(layers=(1, 1, 1, 1)), "BlurPool filter buffers"),
 }
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def checked(name):
     return sweep_timm.check(name, model_kwargs=SUBSET[name][0])
 

@@ -14,8 +14,8 @@ pytest.importorskip("torchtitan")
 pytest.importorskip("triton")  # torchtitan 0.3.0 imports it even on CPU
 pytest.importorskip("accelerate")
 
-import libsweep  # noqa: E402
-import sweep_torchtitan  # noqa: E402
+import libsweep
+import sweep_torchtitan
 
 SUBSET = {
     "torchtitan.llama3.debugmodel": "ComplexRoPE cache (complex64), one per layer",
@@ -24,7 +24,7 @@ SUBSET = {
 CASES = libsweep.subset(sweep_torchtitan.cases(), SUBSET)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def checked(name):
     return libsweep.check(CASES[name])
 

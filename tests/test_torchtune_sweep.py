@@ -13,8 +13,8 @@ import pytest
 pytest.importorskip("torchtune")
 pytest.importorskip("accelerate")
 
-import libsweep  # noqa: E402
-import sweep_torchtune  # noqa: E402
+import libsweep
+import sweep_torchtune
 
 SUBSET = {
     "torchtune.llama3.llama3": "RotaryPositionalEmbeddings theta / cache, one module shared by every layer",
@@ -26,7 +26,7 @@ SUBSET = {
 CASES = libsweep.subset(sweep_torchtune.cases(), SUBSET)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def checked(name):
     return libsweep.check(CASES[name])
 

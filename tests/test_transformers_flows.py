@@ -4,8 +4,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from bufferfix.flows import FLOWS  # noqa: E402
 from compare import assert_matches_reference, broken_buffers  # noqa: E402
+
+from bufferfix.flows import FLOWS  # noqa: E402
 
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
 MODELS = {

@@ -9,6 +9,6 @@
   processes it starts.
 """
 try:
-    from _bufferfix_startup import settings  # noqa: F401  (read as bufferfix.activation.settings)
+    from _bufferfix_startup import settings
 except ImportError:  # a source tree on sys.path, not installed: the same file, by its package path
     from .startup import settings  # noqa: F401

@@ -43,7 +43,7 @@ def _post_import_hook(integration_module):
             return
         try:
             importlib.import_module(integration_module).INTEGRATION.instrument(module)
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             logger.exception("bufferfix: could not instrument %s; its buffers will not be restored", module.__name__)
             _warn_not_instrumented(module.__name__, error)
 

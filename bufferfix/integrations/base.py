@@ -110,7 +110,7 @@ def contained(action, what, user_error=False):
             raise
         errors.warn(errors.UnrecoverableBufferWarning(str(strict), strict.recoveries))
         return None
-    except Exception:  # noqa: BLE001
+    except Exception:
         logger.exception("bufferfix: internal error while %s", what)
         reporting.internal_error(what)
         return None

@@ -14,8 +14,7 @@ import threading
 import torch
 from torch import nn
 
-from ..mechanism import compat, recipes, recording, snapshots
-from ..mechanism import restore
+from ..mechanism import compat, recipes, recording, restore, snapshots
 from ..mechanism.restore import materialise_meta_buffers
 from .base import Integration, Restoring, contained, report
 
@@ -116,7 +115,7 @@ def _carry_over(original, memo):
         if duplicate is None:
             continue
         recording.follow_copy(module, duplicate)
-        for name, tensor in module._buffers.items():
+        for tensor in module._buffers.values():
             copied = memo.get(id(tensor))
             if tensor is not None and copied is not None:
                 snapshots.follow_copy(tensor, copied)

@@ -17,4 +17,4 @@ Everything here needs torch; it is imported only once torch itself is imported.
 
 # See bufferfix/integrations/__init__.py: torch's post-import hook must not find a
 # mechanism module half-initialised.
-import torch  # noqa: E402,F401
+import torch  # noqa: F401

@@ -12,7 +12,7 @@ Only modules built on meta can hold the first two, so only those are looked at (
 built normally costs one dictionary lookup per module).  Failures come back as the plan's own
 :class:`~bufferfix.recovery.Recovery` values, like a buffer's.
 """
-from . import containers, missing, recompute, recording, recipes, sources
+from . import containers, missing, recipes, recompute, recording, sources
 from .sources import Attempt
 
 

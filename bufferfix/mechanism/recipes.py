@@ -29,8 +29,8 @@ import weakref
 import torch
 from torch import nn
 
-from . import compat, recompute
 from ..recovery import Reason
+from . import compat, recompute
 
 
 class _ThreadState(threading.local):
@@ -263,7 +263,7 @@ def parameters_to_meta(module, name, param):
     try:  # Parameter subclasses keep their extra state, as accelerate's init_on_device does
         state = dict(param.__dict__, requires_grad=param.requires_grad)
         return type(param)(param.detach().to("meta"), **state)
-    except Exception:
+    except Exception:  # noqa: BLE001 - a subclass that cannot be rebuilt so keeps its real value
         return None
 
 

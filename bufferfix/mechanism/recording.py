@@ -104,7 +104,7 @@ def constructor_hook(switch, unrecorded_classes):
             _parent_index = None  # the module tree changed
             if len(recorded) > _prune_at:
                 _prune()
-        except Exception:  # noqa: BLE001 - never break construction
+        except Exception:
             logger.exception("bufferfix: could not record the construction of %s", cls.__qualname__)
         return module
 

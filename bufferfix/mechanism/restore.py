@@ -29,8 +29,8 @@ import weakref
 
 import torch
 
-from . import compat, deferral, extras, recipes, recording, snapshots, sources
 from ..recovery import Attempt, Reason, Recovery
+from . import compat, deferral, extras, recipes, recording, snapshots, sources
 
 logger = logging.getLogger("bufferfix")
 

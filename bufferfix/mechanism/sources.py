@@ -6,20 +6,19 @@ constructor of the module or of its nearest ancestor that reproduces it.  Each w
 fails leaves an :class:`~bufferfix.recovery.Attempt` saying why, as a value.
 """
 import dataclasses
-from typing import Optional, Tuple
 
 import torch
 
-from . import recipes, recompute, recording, snapshots
 from ..recovery import Attempt, Reason, Source
+from . import recipes, recompute, recording, snapshots
 
 
 @dataclasses.dataclass
 class Found:
-    value: Optional[torch.Tensor]  # None: not recovered
-    source: Optional[Source] = None
-    origin: Optional[str] = None
-    attempts: Tuple[Attempt, ...] = ()
+    value: torch.Tensor | None  # None: not recovered
+    source: Source | None = None
+    origin: str | None = None
+    attempts: tuple[Attempt, ...] = ()
 
 
 def find(old, slots):

@@ -9,12 +9,11 @@ on ranks > 0 under accelerate's cpu_ram_efficient_loading) and only refills thos
 """
 import os
 
+import _harness as h
 import torch
 import torch.distributed as dist
 import transformers
 from torch import nn
-
-import _harness as h
 
 
 class LogitScale(nn.Module):

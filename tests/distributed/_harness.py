@@ -8,8 +8,6 @@ NaN / max-int, never as leftover right bytes), and writes one JSON report per fl
 ``<out>/<flow>.rank<rank>.json``.  Whether bufferfix is on is decided by the launcher through
 ``BUFFERFIX_DISABLE``, never here.
 """
-import bufferfix  # first, as a user program would (a no-op under BUFFERFIX_DISABLE=1)
-
 import argparse
 import contextlib
 import datetime
@@ -23,11 +21,13 @@ import traceback
 import torch
 import torch.distributed as dist
 
+import bufferfix  # first, as a user program would (a no-op under BUFFERFIX_DISABLE=1)
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, for compare.py
 
-from compare import identical, non_persistent_buffers  # noqa: E402
+from compare import identical, non_persistent_buffers
 
-from bufferfix.flows import uninitialised_memory_is_poisoned  # noqa: E402
+from bufferfix.flows import uninitialised_memory_is_poisoned
 
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2)

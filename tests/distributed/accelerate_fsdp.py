@@ -20,11 +20,10 @@ that lets accelerate's own code run unchanged from ``Accelerator.prepare`` on:
   configurations pass the plugin to ``Accelerator(fsdp_plugin=...)``; the other two are driven by
   exactly the environment ``accelerate launch --use_fsdp`` sets (``accelerate/utils/launch.py``).
 """
-import _harness as h  # first: imports bufferfix before torch
-
 import contextlib
 import os
 
+import _harness as h  # first: imports bufferfix before torch
 import torch
 from _custom_model import ScaledLlamaForCausalLM, reference_and_checkpoint
 

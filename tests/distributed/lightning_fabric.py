@@ -7,10 +7,9 @@ with a ``parallelize_fn`` that calls ``fully_shard``, runs on CPU/gloo; it mater
 ``module.to_empty(device)`` + ``reset_parameters()`` (``_materialize_distributed_module``), the
 torchtitan recipe.
 """
-import _harness as h  # first: imports bufferfix before torch
-
 import os
 
+import _harness as h  # first: imports bufferfix before torch
 import torch
 import torch.distributed as dist
 import transformers

@@ -5,7 +5,6 @@ Every rank builds the reference (seed 0, normal build) itself; rank 0 is the one
 full state dict where a flow broadcasts it.
 """
 import _harness as h  # first: imports bufferfix before torch
-
 import torch
 import transformers
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict

@@ -7,10 +7,9 @@ garbage without bufferfix).  Tensor parallelism sums partial products across ran
 last bits: the report carries the maximum difference, and the test bounds it (see
 ``TP_LOGITS_ATOL`` in ``tests/test_distributed.py``).
 """
-import _harness as h  # first: imports bufferfix before torch
-
 import warnings
 
+import _harness as h  # first: imports bufferfix before torch
 import transformers
 from _custom_model import ScaledLlamaForCausalLM, reference_and_checkpoint
 

@@ -5,10 +5,10 @@ Run: torchrun --nproc_per_node 2 tests/distributed/worker.py --out DIR
          [--suites torch_fsdp,accelerate_fsdp,transformers_native,lightning_fabric] [--only flow,flow]
 Each suite is also a worker of its own: torchrun --nproc_per_node 2 tests/distributed/SUITE.py --out DIR
 """
-import _harness as h  # first: imports bufferfix before torch
-
 import argparse
 import importlib
+
+import _harness as h  # first: imports bufferfix before torch
 
 SUITES = ("torch_fsdp", "accelerate_fsdp", "transformers_native", "lightning_fabric")
 
