@@ -52,6 +52,10 @@ def is_strict() -> bool:
     return settings.flag(settings.STRICT) if _strict is None else bool(_strict)
 
 
+# BUFFERFIX_STRICT is needed only when a buffer cannot be recovered; it is read now too, so that an invalid
+# value is reported at start-up (one line on stderr), like the other variables', not at the first problem.
+settings.flag(settings.STRICT)
+
 
 def why(attempt: Attempt) -> str:
     return _REASONS[attempt.reason].format(origin=attempt.origin, detail=attempt.detail)
