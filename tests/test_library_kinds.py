@@ -6,9 +6,9 @@ constructor registers only off meta (torchtune's rope_init()), and legacy weight
 import math
 import warnings
 
-import libsweep
 import pytest
 import torch
+from sweeps import harness as libsweep
 from torch import nn
 
 import bufferfix
