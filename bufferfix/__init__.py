@@ -91,16 +91,17 @@ def check(build: Callable[[], Any], *, patched: bool = True) -> "CheckReport":
         build: a zero-argument callable returning the model (a ``torch.nn.Module``); called once for
             the normal build, and once for each flow that builds the model.
         patched: ``True`` (the default) runs the flows with bufferfix on; ``False`` with bufferfix
-            switched off (:func:`bufferfix.disabled`), to show what the model's own code does, e.g. to
+            switched off (``bufferfix.disabled()``), to show what the model's own code does, e.g. to
             catch a regression of a library's own ``_init_weights``.
 
     Returns:
-        A :class:`~bufferfix.tools.check.CheckReport`: ``.ok`` is true when every flow that ran gave
-        every tensor back exactly; ``.problems`` name the flow, the module path, the tensor, and what
-        differs or why bufferfix cannot recover it; ``.not_checked`` names the flows that did not run,
-        and why.  ``str(report)`` is readable, so ``assert report.ok, report`` explains itself.
+        A ``CheckReport`` (from ``bufferfix.tools.check``). Its ``.ok`` is true when every flow that
+            ran gave every tensor back exactly; its ``.problems`` name the flow, the module path, the
+            tensor, and what differs or why bufferfix cannot recover it; its ``.not_checked`` names
+            the flows that did not run, and why. ``str(report)`` is readable, so
+            ``assert report.ok, report`` explains itself.
 
-    The flows are those of :data:`bufferfix.flows.FLOWS`, plus ``save_pretrained`` ->
+    The flows are those of ``bufferfix.flows.FLOWS``, plus ``save_pretrained`` ->
     ``from_pretrained`` when the model is a transformers ``PreTrainedModel``; the two accelerate
     flows are not checked when accelerate is not installed.  Uninitialised memory is poisoned
     (NaN / max-int) while they run, so a lost buffer never matches by luck.  The normal build's own

@@ -1,22 +1,24 @@
 """``bufferfix.check(build)``: does every meta-device flow give a model's non-persistent buffers back?
 
-For library maintainers' and users' own test suites::
+For library maintainers' and users' own test suites:
 
-    import bufferfix
+```python
+import bufferfix
 
-    def test_non_persistent_buffers_survive_meta_flows():
-        report = bufferfix.check(lambda: MyModel(MyConfig()))
-        assert report.ok, report
+def test_non_persistent_buffers_survive_meta_flows():
+    report = bufferfix.check(lambda: MyModel(MyConfig()))
+    assert report.ok, report
+```
 
-``build`` is a zero-argument callable returning the model.  :func:`check` builds it normally once
-(the reference), then runs every flow of :data:`bufferfix.flows.FLOWS` (and ``save_pretrained`` ->
+``build`` is a zero-argument callable returning the model.  ``check`` builds it normally once
+(the reference), then runs every flow of ``bufferfix.flows.FLOWS`` (and ``save_pretrained`` ->
 ``from_pretrained`` for a transformers model) and compares each materialised model's
 non-persistent buffers and plain tensor attributes with the reference, bit for bit (value, dtype,
 device).  Uninitialised memory is poisoned (NaN / max-int) while the flows run, so a lost buffer
 never matches by luck.  ``patched=False`` runs the same flows with bufferfix switched off
-(:func:`bufferfix.disabled`): what the library does on its own.
+(``bufferfix.disabled()``): what the library does on its own.
 
-The doctor (``bufferfix doctor``) is built on :func:`measure`, the same measurement with the
+The doctor (``bufferfix doctor``) is built on ``measure``, the same measurement with the
 details it prints.
 
 Importing this module does not import torch; running a check does.
@@ -78,7 +80,7 @@ class Problem:
 
 @dataclasses.dataclass(frozen=True)
 class CheckReport:
-    """What :func:`bufferfix.check` found.  ``assert report.ok, report`` explains itself."""
+    """What ``bufferfix.check`` found.  ``assert report.ok, report`` explains itself."""
 
     model: str
     """The class name of the model ``build()`` returned."""
@@ -278,7 +280,7 @@ def problems(measurement: Measurement) -> list[Problem]:
 
 
 def check(build: Callable[[], Any], *, patched: bool = True) -> CheckReport:
-    """The implementation of :func:`bufferfix.check` (see there)."""
+    """The implementation of ``bufferfix.check`` (see there)."""
     measurement = measure(build, patched=patched)
     return CheckReport(
         model=measurement.model, patched=patched, tensors=tuple(measurement.tensors),

@@ -1,4 +1,4 @@
-"""``bufferfix demo``: the public report (transformers issue 36577), offline, in well under a minute.
+"""``bufferfix demo``: the public report (transformers issue 36577), offline, in under a minute on 2 CPU cores.
 
 A tiny Qwen2-architecture causal LM (config: ``bufferfix/tools/data/demo_qwen2.json``) is trained on
 an embedded text until its evaluation loss is about 0.15, saved with ``save_pretrained``, then

@@ -207,10 +207,11 @@ def _flow_cell(result, total, enabled, random):
         return "ok (no buffers)"
     if not result["broken"]:
         return "ok: %d/%d identical" % (total, total) if enabled else "ok: %d/%d identical (unaffected)" % (total, total)
-    shown = ", ".join(result["broken"][:2]) + (", ..." if len(result["broken"]) > 2 else "")
+    shown = "" if len(result["broken"]) == total else " (%s%s)" % (", ".join(result["broken"][:2]),
+                                                                   ", ..." if len(result["broken"]) > 2 else "")
     if enabled and set(result["broken"]) <= random:
-        return "random: %d/%d differ (%s)" % (len(result["broken"]), total, shown)
-    return "%s: %d/%d differ (%s)" % ("WRONG" if enabled else "broken", len(result["broken"]), total, shown)
+        return "random: %d/%d differ%s" % (len(result["broken"]), total, shown)
+    return "%s: %d/%d differ%s" % ("WRONG" if enabled else "broken", len(result["broken"]), total, shown)
 
 
 def _buffer_table(entries):
@@ -227,8 +228,8 @@ def _buffer_table(entries):
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     lines = ["  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1] for row in rows]
     if transformers_column:
-        lines.append("  (transformers init: does from_pretrained get it right even without bufferfix? Measured: "
-                     "transformers 5 recomputes the buffers its models' _init_weights know)")
+        lines.append("  (transformers init: does from_pretrained get it right even without bufferfix? Measured;\n"
+                     "   transformers 5 recomputes the buffers its models' _init_weights know)")
     return lines
 
 
