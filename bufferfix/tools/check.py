@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib
 import sys
 import tempfile
@@ -229,13 +230,14 @@ def measure(build: Callable[[], Any], *, patched: bool, model_class: type | None
         expected = unsaved_tensors(reference)
         random = differing(unsaved_tensors(_fresh_build(build, 1)), expected) if find_random else []
         state_dict = reference.state_dict()
-        runs = {FLOW_NAMES[key]: (key, lambda flow=flow: flow(lambda: _fresh_build(build, 0), state_dict))
-                for key, flow in flows.FLOWS.items()}
+        runs: dict[str, tuple[str | None, Callable[[], Any]]] = {
+            FLOW_NAMES[key]: (key, functools.partial(flow, lambda: _fresh_build(build, 0), state_dict))
+            for key, flow in flows.FLOWS.items()}
         if model_class is None and _is_transformers_model(reference):
             model_class = type(reference)
         if model_class is not None:
             runs[FROM_PRETRAINED] = (None, lambda: _from_pretrained(model_class, reference, pretrained_dir))
-        results = {}
+        results: dict[str, FlowResult] = {}
         with flows.uninitialised_memory_is_poisoned():
             for name, (key, run) in runs.items():
                 result = results[name] = FlowResult(not_checked=_missing_package(key))
@@ -262,19 +264,19 @@ def problems(measurement: Measurement) -> list[Problem]:
     """Every problem of a measurement, flow by flow, each tensor once per flow."""
     from bufferfix import reporting
 
-    found = []
+    found: list[Problem] = []
     for flow, result in measurement.flows.items():
         if result.error is not None:
             found.append(Problem(flow, None, None, "raised %s" % result.error))
-        named = {}
+        named: dict[str, Recovery] = {}
         for recovery in result.unrecoverable:
             named.setdefault(recovery.name, recovery)
         for name in list(named) + [name for name in result.differing if name not in named]:
-            recovery = named.get(name)
-            what = ("bufferfix cannot recover it: %s" % reporting.explanation(recovery) if recovery is not None
+            known = named.get(name)
+            what = ("bufferfix cannot recover it: %s" % reporting.explanation(known) if known is not None
                     else result.differences.get(name, "differs from a normal build"))
             module, _, tensor = name.rpartition(".")
-            found.append(Problem(flow, module, tensor, what, recovery))
+            found.append(Problem(flow, module, tensor, what, known))
         found += [Problem(flow, None, None, "bufferfix warned: %s" % text) for text in result.other_warnings]
     return found
 
