@@ -13,7 +13,7 @@ import logging
 import sys
 
 from ..mechanism.restore import materialise_meta_buffers
-from .base import Integration, contained, report
+from .base import Integration, await_loading_end, contained, report
 
 logger = logging.getLogger("bufferfix")
 
@@ -27,7 +27,8 @@ _FUNCTIONS = {  # function -> the modules that define or re-export it
 def _materialise_meta_buffers_first(wrapped, instance, args, kwargs):
     model = args[0] if args else kwargs.get("model")
     if INTEGRATION.active and model is not None:
-        contained(lambda: report(*materialise_meta_buffers(model)), "materialising meta buffers for accelerate")
+        contained(lambda: (report(materialise_meta_buffers(model), ()), await_loading_end()),
+                  "materialising meta buffers for accelerate")
     return wrapped(*args, **kwargs)
 
 

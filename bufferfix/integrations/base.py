@@ -16,11 +16,14 @@ Two guards keep a user's call the user's own:
   after, and when the call raises, restore what it had materialised and let the user's
   exception go on unchanged (same object, same traceback).
 """
+import atexit
 import logging
 
+import torch
 import wrapt
 
 from .. import errors, reporting
+from ..mechanism import restore
 from ..mechanism.restore import Materialisation
 
 logger = logging.getLogger("bufferfix")
@@ -144,8 +147,9 @@ class Restoring:
         return False
 
     def _restore(self):
-        deferred, failures = self.plan.restore(self.device, defer_replays=self.defer_replays)
-        report(self.plan, failures)
+        deferred, _ = self.plan.restore(self.device, defer_replays=self.defer_replays)
+        report(self.plan, ())
+        await_loading_end()
         return deferred
 
 
@@ -155,3 +159,40 @@ def report(plan, failures):
         logger.debug("bufferfix: %s", reporting.describe(recovery))
     plan.recovered.clear()
     reporting.report_unrecoverable(failures)
+
+
+# --------------------------------------------------------------------------- when loading ends
+
+_forward_hook = None
+_exit_hook_registered = False
+
+
+def await_loading_end():
+    """Values a materialisation could not recover wait for their verdict until loading ends: the
+    first forward of any module (a forward pre-hook that takes itself off: nothing stays on the
+    forward path), the end of a library's own loading (transformers' ``from_pretrained``), and at
+    the latest when the process exits.  Code that rewrites such a tensor before then (the model's
+    own ``reset_parameters()``, torchtune's ``rope_init()``, before or after ``load_state_dict``)
+    leaves nothing to report."""
+    global _forward_hook, _exit_hook_registered
+    if not restore.unsettled():
+        return
+    if _forward_hook is None:
+        _forward_hook = torch.nn.modules.module.register_module_forward_pre_hook(_first_forward)
+    if not _exit_hook_registered:
+        atexit.register(lambda: contained(loading_ended, "giving the verdicts left at exit"))
+        _exit_hook_registered = True
+
+
+def _first_forward(module, args):
+    loading_ended()
+
+
+def loading_ended():
+    """Give the verdicts held since materialisation: named loudly, unless rewritten since."""
+    global _forward_hook
+    if _forward_hook is not None:
+        _forward_hook.remove()
+        _forward_hook = None
+    if restore.unsettled():
+        reporting.report_unrecoverable(restore.settle())

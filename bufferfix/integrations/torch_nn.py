@@ -16,7 +16,7 @@ from torch import nn
 
 from ..mechanism import compat, recipes, recording, restore, snapshots
 from ..mechanism.restore import materialise_meta_buffers
-from .base import Integration, Restoring, contained, report
+from .base import Integration, Restoring, await_loading_end, contained, report
 
 logger = logging.getLogger("bufferfix")
 
@@ -70,10 +70,15 @@ def _load_state_dict(wrapped, instance, args, kwargs):
 
 
 def _materialise_left_on_meta(model):
-    device = next((tensor.device for tensor in model.state_dict().values()
-                   if isinstance(tensor, torch.Tensor) and not tensor.is_meta), None)
-    if device is not None:
-        report(*materialise_meta_buffers(model, device))
+    """The device the loaded tensors landed on, else that of any real tensor of the model, else
+    the CPU (a module holding only non-persistent buffers loads an empty state dict)."""
+    tensors = [tensor for tensor in model.state_dict().values() if isinstance(tensor, torch.Tensor)]
+    device = next((tensor.device for tensor in tensors if not tensor.is_meta), None)
+    if device is None:
+        device = next((t.device for t in (*model.parameters(), *model.buffers()) if not t.is_meta),
+                      torch.device("cpu"))
+    report(materialise_meta_buffers(model, device), ())
+    await_loading_end()
 
 
 def _moving_to_meta(wrapped, instance, args, kwargs, recurse=True):
@@ -120,6 +125,7 @@ def _carry_over(original, memo):
             if tensor is not None and copied is not None:
                 snapshots.follow_copy(tensor, copied)
                 recipes.follow_tensor_copy(tensor, copied)
+                recording.follow_tensor_copy(tensor, copied)
 
 
 def _init_subclass(cls, **kwargs):
@@ -146,6 +152,7 @@ class TorchNN(Integration):
     def __init__(self):
         super().__init__()
         self.unrecorded_classes = frozenset()  # see recording.torch_nn_own_classes
+        self._buffer_hook = None  # see recording.buffer_registered
 
     def _instrument(self, module):
         self.wrap(nn.Module, "to_empty", _to_empty)
@@ -172,8 +179,13 @@ class TorchNN(Integration):
         # about the default device may be stale then, and after any time spent switched off.
         self.wrap(compat.DeviceContext, "__init__", _device_context_made)
         recording.device_context_made()
+        self._buffer_hook = torch.nn.modules.module.register_module_buffer_registration_hook(
+            recording.buffer_registered)
 
     def _uninstrument(self):
+        if self._buffer_hook is not None:
+            self._buffer_hook.remove()
+            self._buffer_hook = None
         hook = nn.Module.__dict__.get("__new__")
         if recording.is_constructor_hook(hook):
             hook.__func__.hooked_classes.clear()  # its fast path: a class in there is recorded at once

@@ -26,7 +26,7 @@ without buffers), so it has no such entry point; its meta flows go through
 import logging
 import threading
 
-from .base import Integration, Restoring, contained, report
+from .base import Integration, Restoring, contained, loading_ended, report
 
 logger = logging.getLogger("bufferfix")
 
@@ -73,14 +73,15 @@ def _finalize_model_loading(wrapped, instance, args, kwargs):
     try:
         return wrapped(*args, **kwargs)
     finally:
-        if model is not None and id(model) in _pending():
+        if model is not None:
             _finish(model)
 
 
 def _finish(model):
     deferred = _pending().pop(id(model), None)
     if deferred is not None:
-        contained(lambda: report(deferred.plan, deferred.finish()), "restoring non-persistent buffers")
+        contained(lambda: (deferred.finish(), report(deferred.plan, ())), "restoring non-persistent buffers")
+    contained(loading_ended, "giving the verdicts when loading ends")
 
 
 class Transformers(Integration):

@@ -36,8 +36,7 @@ class DeferredRestore:
 
     def finish(self):
         for key, (group, target) in list(self.pending.items()):
-            module, name = group.buffers[0]
-            if module._buffers.get(name) is not target:
+            if group.buffers[0].read() is not target:
                 continue  # the initialisation registered a tensor of its own there: its value stands
             self.fill(key)
         self.pending.clear()

@@ -1,10 +1,14 @@
-"""The user's own rules: recompute functions and classes that must never be replayed; and an
-integration's verdict that some of a class's buffers cannot be recovered at all."""
+"""The rules the recovery loop follows, as data: the user's recompute functions and classes that
+must never be replayed; an integration's verdict that some of a class's buffers cannot be
+recovered at all; and the classes an integration says may lack, on meta, buffers their
+constructor registers elsewhere (torchtune's ``rope_init()``)."""
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from ..recovery import Reason
 
-_recompute_functions: dict[type, Callable] = {}  # class -> fn(module) -> {name: tensor}
+RecomputeFunction = Callable[[Any], "dict[str, Any] | None"]
+_recompute_functions: dict[type, RecomputeFunction] = {}  # class -> fn(module) -> {name: tensor}
 _never_replay = set()  # classes whose constructors must not be re-run
 _unrecoverable: dict[type, tuple[Reason, tuple[str, ...]]] = {}  # class -> (why, its attributes it covers)
 
@@ -64,3 +68,36 @@ def declared_unrecoverable(cls: type, relative: str) -> Reason | None:
         if relative.partition(".")[0] in attributes:
             return reason
     return None
+
+
+_expecting: list[Callable[[type], bool]] = []  # predicates cls -> bool, from integrations
+_expects: dict[type, bool] = {}  # class -> does some predicate name it (asked for every module planned)
+
+
+def expect_buffers(predicate: Callable[[type], bool]) -> None:
+    """Modules whose class ``predicate(cls)`` accepts may lack, on meta, buffers their constructor
+    registers elsewhere: they are registered after materialisation, as the normal build has them."""
+    _expecting.append(predicate)
+    _expects.clear()
+
+
+def forget_expectation(predicate: Callable[[type], bool]) -> None:
+    if predicate in _expecting:
+        _expecting.remove(predicate)
+    _expects.clear()
+
+
+def expects_buffers(cls: type) -> bool:
+    if not _expecting:
+        return False
+    verdict = _expects.get(cls)
+    if verdict is None:
+        verdict = _expects[cls] = any(_safe(predicate, cls) for predicate in _expecting)
+    return verdict
+
+
+def _safe(predicate: Callable[[type], bool], cls: type) -> bool:
+    try:
+        return bool(predicate(cls))
+    except Exception:  # noqa: BLE001 - an integration's predicate must not break planning
+        return False
