@@ -21,7 +21,7 @@ import weakref
 import torch
 from torch import nn
 
-from . import compat, recipes
+from . import compat, recipes, signatures
 
 logger = logging.getLogger("bufferfix")
 _recorded = {}  # id(module) -> (weakref to the module, Recipe) or (weakref, *the raw construction: see the hook)
@@ -227,6 +227,7 @@ def keep_c_constructor(leaf_classes):
     for cls in leaf_classes:
         if "__new__" not in cls.__dict__:
             cls.__new__ = object.__new__
+    signatures.keep_signatures(leaf_classes)  # inspect.signature as if these __new__s were not there
 
 
 def hook_subclasses_of(leaf_classes, hook):
