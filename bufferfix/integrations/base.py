@@ -169,11 +169,11 @@ _exit_hook_registered = False
 
 def await_loading_end():
     """Values a materialisation could not recover wait for their verdict until loading ends: the
-    first forward of any module (a forward pre-hook that takes itself off: nothing stays on the
-    forward path), the end of a library's own loading (transformers' ``from_pretrained``), and at
-    the latest when the process exits.  Code that rewrites such a tensor before then (the model's
-    own ``reset_parameters()``, torchtune's ``rope_init()``, before or after ``load_state_dict``)
-    leaves nothing to report."""
+    end of a ``load_state_dict`` or of a library's own loading (transformers' ``from_pretrained``),
+    or the first forward of any module (a forward pre-hook that takes itself off: nothing stays on
+    the forward path), whichever comes first, and at the latest when the process exits.  Code that
+    rewrites such a tensor before then (the model's own ``reset_parameters()`` or torchtune's
+    ``rope_init()`` after ``to_empty``) leaves nothing to report."""
     global _forward_hook, _exit_hook_registered
     if not restore.unsettled():
         return

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..mechanism import compat, recipes, recording, restore, snapshots
 from ..mechanism.restore import materialise_meta_buffers
-from .base import Integration, Restoring, await_loading_end, contained, report
+from .base import Integration, Restoring, await_loading_end, contained, loading_ended, report
 
 logger = logging.getLogger("bufferfix")
 
@@ -53,19 +53,27 @@ def _to(wrapped, instance, args, kwargs):
 
 
 def _load_state_dict(wrapped, instance, args, kwargs):
-    """``load_state_dict(assign=True)`` on a meta model (what torch.distributed.checkpoint does when
-    it finds meta tensors) materialises parameters by assignment and never touches non-persistent
-    buffers: give those their values, on the device the loaded parameters landed on.  Also when
-    the load raised part of the way through: what it assigned keeps its place."""
-    if not (INTEGRATION.active and kwargs.get("assign", len(args) > 2 and args[2])) or getattr(_local, "busy", False):
+    """The end of a ``load_state_dict`` is the end of loading: the verdicts held since
+    materialisation are given (see base.await_loading_end), also when the load raised.
+
+    ``load_state_dict(assign=True)`` on a meta model (what torch.distributed.checkpoint does when it
+    finds meta tensors) materialises parameters by assignment and never touches non-persistent
+    buffers: those get their values first, on the device the loaded parameters landed on.  Also
+    when the load raised part of the way through: what it assigned keeps its place."""
+    if not INTEGRATION.active or getattr(_local, "busy", False):
         return wrapped(*args, **kwargs)
+    assign = kwargs.get("assign", len(args) > 2 and args[2])
     try:
         result = wrapped(*args, **kwargs)
     except BaseException:
-        contained(lambda: _materialise_left_on_meta(instance), "materialising buffers after load_state_dict",
-                  user_error=True)
+        if assign:
+            contained(lambda: _materialise_left_on_meta(instance), "materialising buffers after load_state_dict",
+                      user_error=True)
+        contained(loading_ended, "giving the verdicts after load_state_dict", user_error=True)
         raise
-    contained(lambda: _materialise_left_on_meta(instance), "materialising buffers after load_state_dict")
+    if assign:
+        contained(lambda: _materialise_left_on_meta(instance), "materialising buffers after load_state_dict")
+    contained(loading_ended, "giving the verdicts after load_state_dict")
     return result
 
 

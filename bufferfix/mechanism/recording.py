@@ -479,8 +479,9 @@ def forget_all(modules):
 
 
 def holds_meta_tensors(module):
-    return any(tensor is not None and tensor.is_meta
-               for tensor in (*module._parameters.values(), *module._buffers.values()))
+    """Does ``module`` hold a parameter, buffer or plain tensor attribute on meta?"""
+    return any(isinstance(tensor, torch.Tensor) and tensor.is_meta
+               for tensor in (*module._parameters.values(), *module._buffers.values(), *vars(module).values()))
 
 
 def forget_when_subtree_done(module, was_meta):

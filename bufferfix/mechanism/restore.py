@@ -70,6 +70,9 @@ class _Group:
         return [slot for slot in self.slots if slot.kind == BUFFER]
 
 
+_SAYS_LITTLE = (Reason.NOT_CREATED, Reason.NO_RECIPE)
+
+
 def _qualified(path: str, name: str) -> str:
     return "%s.%s" % (path, name) if path else name
 
@@ -274,9 +277,11 @@ class Materialisation:
                 continue
             target = targets[key] = self._reshare(group, targets)
             if group.tensor is not None and not group.tensor.is_meta and not group.buffers:
-                # A real attribute or item: it needs its value back only if materialisation replaced it.
+                # A real attribute: it needs its value back if materialisation replaced it, and a
+                # verdict if its constructor ran with parameters on meta (a random value drawn
+                # after them is not a normal build's: see sources).
                 group.needs_value = group.needs_value or any(
-                    slot.read() is not group.tensor for slot in group.slots)
+                    slot.read() is not group.tensor or recording.was_recorded(slot.module) for slot in group.slots)
             if group.needs_value:
                 pending.append((group, target))
         for group, target in pending:
@@ -305,6 +310,8 @@ class Materialisation:
             return
         if logger.isEnabledFor(logging.DEBUG):
             self.recovered.append(self._recovery(group, found))
+        if found.value is group.old and all(slot.read() is group.old for slot in group.slots):
+            return  # kept where it was
         if target is None:
             self._place(group, found, device)
             return
@@ -319,8 +326,8 @@ class Materialisation:
               failures: list[Recovery]) -> None:
         failures.append(self._recovery(group, found))
         if self._holding:
-            _unsettled.append((failures[-1], list(group.slots), target,
-                               recipes.raw_version(target) if target is not None else 0))
+            held = [(slot, slot.read()) for slot in group.slots]
+            _unsettled.append((failures[-1], held, target, recipes.raw_version(target) if target is not None else 0))
 
     def _place(self, group: _Group, found: sources.Found, device: torch.device | None) -> None:
         """No materialised tensor to copy into: the slots take the value itself.  A plain attribute
@@ -423,11 +430,15 @@ class Materialisation:
     def _recovery(self, group: _Group, found: sources.Found) -> Recovery:
         slot = group.slots[0]
         attempts = found.attempts
+        # The reason is the first attempt that met the value: a nearer module whose constructor does
+        # not create it (an ancestor's put it there) says less than the ancestor's replay.
+        primary = next((attempt for attempt in attempts if attempt.reason not in _SAYS_LITTLE),
+                       attempts[0] if attempts else None)
         return Recovery(
             name=_qualified(self._path(slot.module), slot.label), owner=type(slot.module).__qualname__,
             kind="buffer" if slot.kind in (BUFFER, ABSENT) else "attribute", source=found.source,
-            origin=found.origin, reason=attempts[0].reason if found.source is None and attempts else None,
-            detail=attempts[0].detail if found.source is None and attempts else "", attempts=attempts)
+            origin=found.origin, reason=primary.reason if found.source is None and primary else None,
+            detail=primary.detail if found.source is None and primary else "", attempts=attempts)
 
     def explain(self) -> list[Recovery]:
         """A :class:`~bufferfix.recovery.Recovery` for every tensor that needs a value; changes nothing."""
@@ -453,8 +464,8 @@ def _device_of(module: torch.nn.Module) -> torch.device:
 # --------------------------------------------------------------------------- when loading ends
 
 # Values not recovered at materialisation, whose verdict waits until loading ends: (Recovery, its
-# slots, the materialised tensor, that tensor's version then).
-_unsettled: list[tuple[Recovery, list[Slot], torch.Tensor | None, int]] = []
+# slots with what each held then, the materialised tensor, that tensor's version then).
+_unsettled: list[tuple[Recovery, list[tuple[Slot, torch.Tensor | None]], torch.Tensor | None, int]] = []
 _derived: list[tuple[Any, torch.nn.Module, str]] = []  # (hook, module, attribute) waiting for parameters
 
 
@@ -482,10 +493,9 @@ def settle() -> list[Recovery]:
     held, _unsettled[:] = list(_unsettled), []
     failures = []
     for recovery, held_slots, target, version in held:
-        current = [slot.read() for slot in held_slots]
-        rewritten = (target is not None and not target.is_meta and recipes.raw_version(target) != version
-                     and target not in _unfilled) or any(
-            tensor is not None and tensor is not target and not tensor.is_meta for tensor in current)
+        rewritten = (target is not None and not target.is_meta and recipes.raw_version(target) != version) or any(
+            (current := slot.read()) is not then and current is not None and not current.is_meta
+            for slot, then in held_slots)
         if not rewritten:
             failures.append(recovery)
     return failures

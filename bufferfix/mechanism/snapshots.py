@@ -42,6 +42,7 @@ class MoveToMeta:
                     self.groups[id(value)][2].append((module, attribute))
         self.groups = {key: group for key, group in self.groups.items()
                        if group[3] or len(group[1]) > 1 or group[2]}
+        self.views = _views(modules)
 
     def after(self):
         for real, buffers, attributes, non_persistent in self.groups.values():
@@ -58,6 +59,44 @@ class MoveToMeta:
                 module._buffers[other] = moved
             for module, attribute in attributes:
                 module.__dict__[attribute] = moved
+        for (module, name, is_buffer), (base_module, base_name, base_kind), size, stride, offset in self.views:
+            base = getattr(base_module, "_" + base_kind + "s").get(base_name)
+            if base is None or not base.is_meta:
+                continue
+            view = base.as_strided(size, stride, base.storage_offset() + offset)
+            if is_buffer:
+                module._buffers[name] = view
+            else:
+                module.__dict__[name] = view
+
+
+def _views(modules):
+    """``[(slot, base slot, size, stride, offset from the base's)]`` for every buffer or plain tensor
+    attribute sharing storage with a parameter or an earlier buffer (``table[:1]``, spectral_norm's
+    ``weight`` aliasing its parameter): ``Module._apply`` gives each its own moved tensor, and the
+    normal build's views must stay views on meta too."""
+    bases, found = {}, []
+    for module in modules:
+        for name, param in module._parameters.items():
+            if param is not None and not param.is_meta:
+                bases.setdefault(compat.storage_key(param), ((module, name, "parameter"), param))
+    slots = [((module, name, True), tensor) for module in modules for name, tensor in module._buffers.items()]
+    slots += [((module, name, False), value) for module in modules for name, value in vars(module).items()
+              if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter)]
+    seen = set()
+    for slot, tensor in sorted(slots, key=lambda pair: pair[1] is None or pair[1]._base is not None):
+        if tensor is None or tensor.is_meta or id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        base = bases.get(compat.storage_key(tensor))
+        if base is None:
+            if slot[2]:
+                bases[compat.storage_key(tensor)] = ((slot[0], slot[1], "buffer"), tensor)
+            continue
+        location, base_tensor = base
+        found.append((slot, location, tuple(tensor.shape), tensor.stride(),
+                      tensor.storage_offset() - base_tensor.storage_offset()))
+    return found
 
 
 def remember(meta_tensor, real):

@@ -47,35 +47,38 @@ def find(old: torch.Tensor | None, slots: list[Slot]) -> Found:
         if snapshot is not None:
             return Found(snapshot, Source.SNAPSHOT)
     attempts: list[Attempt] = []
-    if old is not None and recording.set_outside_construction(old):
+    replayable = old is None or not recording.set_outside_construction(old)
+    if not replayable:  # a recompute function may still have it; no replay does
         attempts.append(Attempt(None, Reason.REPLACED, slots[0].label))
     for slot in slots:
-        found = _from_owners(slot, old, attempts)
+        found = _from_owners(slot, old, attempts, replayable)
         if found is not None:
             return found
     return Found(None, attempts=tuple(dict.fromkeys(attempts)) or (Attempt(None, Reason.NO_RECIPE),))
 
 
 def _kept(old: torch.Tensor, slots: list[Slot]) -> Found:
-    """A real value was kept: it stands, unless the constructor that made it drew it from the
-    random number generator (under ``init_empty_weights()`` parameters are made on meta and draw
-    nothing, so the stream is shifted: the value differs from a normal build's)."""
+    """A real value was kept: it stands, unless its constructor, run with parameters on meta
+    (``init_empty_weights()``), drew it from the random number generator and nothing wrote it since:
+    parameters made on meta draw nothing, so the stream was shifted and the value is not a normal
+    build's."""
     for slot in slots:
         for owner, path in recording.owners(slot.module, ""):
             recipe = recording.recipe_of(owner)
             if recipe is None:
                 continue
+            path = path.rstrip(".")
             try:
                 replayed = recipes.replay(recipe)
             except recipes.ReplayError:
                 return Found(old, Source.KEPT)
-            if replayed.randomised(path.rstrip("."), slot):
+            if replayed.randomised(path, slot) and not _changed_after_construction(old, recipe, path, slot):
                 return Found(None, attempts=(Attempt(recipe.origin, Reason.RANDOM),))
             return Found(old, Source.KEPT)
     return Found(old, Source.KEPT)
 
 
-def _from_owners(slot: Slot, old: torch.Tensor | None, attempts: list[Attempt]) -> Found | None:
+def _from_owners(slot: Slot, old: torch.Tensor | None, attempts: list[Attempt], replayable: bool) -> Found | None:
     tried = len(attempts)
     owners = [(owner, path.rstrip(".")) for owner, path in recording.owners(slot.module, "")]
     start = recording.constructed_by(old) if old is not None else None
@@ -93,7 +96,7 @@ def _from_owners(slot: Slot, old: torch.Tensor | None, attempts: list[Attempt]) 
             value = _call_recompute_function(function, owner, relative, attempts)
             if value is not None:
                 return Found(value, Source.RECOMPUTE_FUNCTION, _qualified_class(type(owner)))
-        recipe = recording.recipe_of(owner)
+        recipe = recording.recipe_of(owner) if replayable else None
         if recipe is None:
             continue
         try:
@@ -113,7 +116,7 @@ def _from_owners(slot: Slot, old: torch.Tensor | None, attempts: list[Attempt]) 
             attempts.append(Attempt(recipe.origin, Reason.MODIFIED_IN_PLACE))
         else:
             return Found(value, Source.REPLAY, recipe.origin, replayed=holder)
-    if len(attempts) == tried:
+    if len(attempts) == tried and replayable:
         attempts.append(Attempt(None, Reason.NO_RECIPE))
     return None
 
