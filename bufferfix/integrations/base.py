@@ -158,7 +158,8 @@ def report(plan, failures):
     for recovery in plan.recovered:
         logger.debug("bufferfix: %s", reporting.describe(recovery))
     plan.recovered.clear()
-    reporting.report_unrecoverable(failures)
+    if failures:
+        reporting.report_unrecoverable(failures)
 
 
 # --------------------------------------------------------------------------- when loading ends

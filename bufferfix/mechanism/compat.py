@@ -41,16 +41,8 @@ TorchFunctionMode = _resolve("torch.overrides.TorchFunctionMode", lambda: torch.
 reconstruct = _resolve("copy._reconstruct (what Module.__deepcopy__ delegates to)", lambda: copy._reconstruct)
 
 
-
-def _storage_key():
-    torch.empty(0, device="meta").untyped_storage()._cdata  # noqa: B018 - raises where torch lacks it
-    return lambda tensor: tensor.untyped_storage()._cdata
-
-
-storage_key = _resolve("UntypedStorage._cdata (which tensors share storage, meta ones included)", _storage_key)
-
 NAMES = ("parse_to", "function_mode_stack_length", "function_mode_at", "DeviceContext", "global_device_context",
-         "WeakIdKeyDictionary", "TorchFunctionMode", "reconstruct", "storage_key")
+         "WeakIdKeyDictionary", "TorchFunctionMode", "reconstruct")
 
 
 def device_context():

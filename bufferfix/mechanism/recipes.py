@@ -469,7 +469,7 @@ def replay(recipe, real_parameters=False):
 def _replay_uncached(recipe, real_parameters=False):
     if recipe.refusal:
         return ReplayError(Reason.REFUSED, recipe.refusal)
-    if recompute.forbids_replay(recipe.cls):
+    if recipe.cls in recompute.never_replayed:
         return ReplayError(Reason.NEVER_REPLAY)
     try:
         module, drew_random = _construct(recipe, seed=0, real_parameters=real_parameters)

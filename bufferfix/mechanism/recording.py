@@ -227,7 +227,7 @@ def keep_c_constructor(leaf_classes):
     for cls in leaf_classes:
         if "__new__" not in cls.__dict__:
             cls.__new__ = object.__new__
-    signatures.keep_signatures(leaf_classes)  # inspect.signature as if these __new__s were not there
+    signatures.keep_signatures(leaf_classes, is_constructor_hook)  # inspect.signature as if these __new__s were not there
 
 
 def hook_subclasses_of(leaf_classes, hook):

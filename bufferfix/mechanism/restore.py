@@ -180,7 +180,7 @@ class Materialisation:
                 group = self._group(tensor)
                 group.slots.append(slot)
                 group.needs_value = True
-            if recompute.expects_buffers(type(module)) and recording.was_recorded(module):
+            if recompute.expecting and recompute.expects_buffers(type(module)) and recording.was_recorded(module):
                 self._plan_absent_buffers(module)
 
     def _plan_absent_buffers(self, module: torch.nn.Module) -> None:
@@ -203,19 +203,22 @@ class Materialisation:
         aliasing its parameter) is made a view of that one's materialised tensor again.  Returns the
         keys of the groups viewed."""
         bases: set[Any] = set()
-        by_storage: dict[int, tuple[Any, torch.Tensor]] = {}
+        # id(storage) -> (where its first tensor sits, that tensor, the storage: held, so no id is reused).
+        # torch keeps one Python object per storage, meta ones included, for as long as it lives.
+        by_storage: dict[int, tuple[Any, torch.Tensor, Any]] = {}
         for module in self.modules:
             for name, param in module._parameters.items():
                 if param is not None:
-                    by_storage.setdefault(compat.storage_key(param), (("parameter", module, name), param))
+                    storage = param.untyped_storage()
+                    by_storage.setdefault(id(storage), (("parameter", module, name), param, storage))
         candidates = [(key, group) for key, group in self.groups.items() if group.tensor is not None]
         for key, group in sorted(candidates, key=lambda pair: pair[1].tensor._base is not None):
-            storage = compat.storage_key(group.tensor)
-            base = by_storage.get(storage)
+            storage = group.tensor.untyped_storage()
+            base = by_storage.get(id(storage))
             if base is None:
-                by_storage[storage] = (("group", key), group.tensor)
+                by_storage[id(storage)] = (("group", key), group.tensor, storage)
                 continue
-            base_location, base_tensor = base
+            base_location, base_tensor, _ = base
             group.view = (base_location, tuple(group.tensor.shape), group.tensor.stride(),
                           group.tensor.storage_offset() - base_tensor.storage_offset())
             if base_location[0] == "group":
@@ -296,7 +299,7 @@ class Materialisation:
     @staticmethod
     def _only_a_replay_can_fill(group: _Group, target: torch.Tensor | None) -> bool:
         return (target is not None and not target.is_meta and group.old is not None and group.old.is_meta
-                and group.view is None and group.derived is None and snapshots.recall(group.old) is None)
+                and group.view is None and group.derived is None and snapshots.taken.get(group.old) is None)
 
     def fill(self, group: _Group, target: torch.Tensor | None, failures: list[Recovery],
              device: torch.device | None = None) -> None:

@@ -11,7 +11,7 @@ import torch
 
 from . import compat
 
-_snapshots = compat.WeakIdKeyDictionary()  # meta tensor -> the real tensor it replaced
+taken = compat.WeakIdKeyDictionary()  # meta tensor -> the real tensor it replaced (read as data by sources)
 
 
 class MoveToMeta:
@@ -52,9 +52,9 @@ class MoveToMeta:
                 continue
             if non_persistent:  # persistent values come back from the checkpoint
                 stands_for = self.unfilled(real) if self.unfilled is not None else None
-                value = real if stands_for is None else _snapshots.get(stands_for)
+                value = real if stands_for is None else taken.get(stands_for)
                 if value is not None:
-                    _snapshots[moved] = value
+                    taken[moved] = value
             for module, other in buffers[1:]:
                 module._buffers[other] = moved
             for module, attribute in attributes:
@@ -79,7 +79,8 @@ def _views(modules):
     for module in modules:
         for name, param in module._parameters.items():
             if param is not None and not param.is_meta:
-                bases.setdefault(compat.storage_key(param), ((module, name, "parameter"), param))
+                storage = param.untyped_storage()  # held in the value: its id is not reused meanwhile
+                bases.setdefault(id(storage), ((module, name, "parameter"), param, storage))
     slots = [((module, name, True), tensor) for module in modules for name, tensor in module._buffers.items()]
     slots += [((module, name, False), value) for module in modules for name, value in vars(module).items()
               if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter)]
@@ -88,12 +89,13 @@ def _views(modules):
         if tensor is None or tensor.is_meta or id(tensor) in seen:
             continue
         seen.add(id(tensor))
-        base = bases.get(compat.storage_key(tensor))
+        storage = tensor.untyped_storage()
+        base = bases.get(id(storage))
         if base is None:
             if slot[2]:
-                bases[compat.storage_key(tensor)] = ((slot[0], slot[1], "buffer"), tensor)
+                bases[id(storage)] = ((slot[0], slot[1], "buffer"), tensor, storage)
             continue
-        location, base_tensor = base
+        location, base_tensor, _ = base
         found.append((slot, location, tuple(tensor.shape), tensor.stride(),
                       tensor.storage_offset() - base_tensor.storage_offset()))
     return found
@@ -103,31 +105,27 @@ def remember(meta_tensor, real):
     """A library moved ``real`` to meta itself (a tensor-level ``.to("meta")``, not ``Module.to``):
     keep it as that meta tensor's snapshot (an integration that saw the move calls this)."""
     if meta_tensor.is_meta and not real.is_meta:
-        _snapshots[meta_tensor] = real
-
-
-def recall(meta_tensor):
-    return _snapshots.get(meta_tensor)
+        taken[meta_tensor] = real
 
 
 def follow_copy(original, copy):
     """``copy.deepcopy`` of a meta tensor keeps its snapshot."""
-    snapshot = _snapshots.get(original)
+    snapshot = taken.get(original)
     if snapshot is not None:
-        _snapshots[copy] = snapshot
+        taken[copy] = snapshot
 
 
 def has_any():
-    return len(_snapshots) > 0
+    return len(taken) > 0
 
 
 def count():
-    return len(_snapshots)
+    return len(taken)
 
 
 def tensors():
     """The real values held (for memory accounting)."""
-    return list(_snapshots.values())
+    return list(taken.values())
 
 
 def nbytes():

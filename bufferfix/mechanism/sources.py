@@ -43,7 +43,7 @@ def find(old: torch.Tensor | None, slots: list[Slot]) -> Found:
     if old is not None and not old.is_meta:
         return _kept(old, slots)
     if old is not None:
-        snapshot = snapshots.recall(old)
+        snapshot = snapshots.taken.get(old)
         if snapshot is not None:
             return Found(snapshot, Source.SNAPSHOT)
     attempts: list[Attempt] = []
@@ -87,11 +87,11 @@ def _from_owners(slot: Slot, old: torch.Tensor | None, attempts: list[Attempt], 
         owners = owners[next(index for index, (owner, _) in enumerate(owners) if owner is start):]
     for owner, path in owners:
         relative = path + "." + slot.label if path else slot.label
-        reason = recompute.declared_unrecoverable(type(owner), relative)
+        reason = recompute.declared_unrecoverable(type(owner), relative) if recompute.unrecoverable else None
         if reason is not None:  # the verdict replaces what nearer modules' replays said
             attempts[tried:] = [Attempt(_qualified_class(type(owner)), reason, relative)]
             return None
-        function = recompute.registered_recompute(type(owner))
+        function = recompute.registered_recompute(type(owner)) if recompute.recompute_functions else None
         if function is not None:  # the author's own recompute function comes first
             value = _call_recompute_function(function, owner, relative, attempts)
             if value is not None:
