@@ -16,7 +16,7 @@ from torch import nn
 
 from ..mechanism import compat, recipes, recording, restore, snapshots
 from ..mechanism.restore import materialise_meta_buffers
-from .base import Integration, Restoring, await_loading_end, contained, loading_ended, report
+from .base import Integration, Restoring, Wrap, await_loading_end, contained, loading_ended, report
 
 logger = logging.getLogger("bufferfix")
 
@@ -162,10 +162,13 @@ class TorchNN(Integration):
         self.unrecorded_classes = frozenset()  # see recording.torch_nn_own_classes
         self._buffer_hook = None  # see recording.buffer_registered
 
+    declarations = (
+        Wrap("torch.nn", "Module.to_empty", _to_empty),
+        Wrap("torch.nn", "Module.to", _to),
+        Wrap("torch.nn", "Module.load_state_dict", _load_state_dict),
+    )
+
     def _instrument(self, module):
-        self.wrap(nn.Module, "to_empty", _to_empty)
-        self.wrap(nn.Module, "to", _to)
-        self.wrap(nn.Module, "load_state_dict", _load_state_dict)
         current_new = nn.Module.__dict__.get("__new__")
         if current_new is None or recording.is_constructor_hook(current_new):
             # None, or ours (maybe from before an importlib.reload).  CPython cannot take a __new__

@@ -6,8 +6,7 @@
 method to the recovery loop (``recompute.expect_buffers``), which adds the buffers their replay has and the
 materialised module lacks, registered as the normal build registers them.
 """
-from ..mechanism import recompute
-from .base import Integration
+from .base import ExpectBuffers, Integration
 
 
 def rope_module(cls):
@@ -19,12 +18,7 @@ class TorchTune(Integration):
     name = "torchtune"
     target = "torchtune"
     patches = "torchtune RoPE modules (rope_init)"
-
-    def _instrument(self, module):
-        recompute.expect_buffers(rope_module)
-
-    def _uninstrument(self):
-        recompute.forget_expectation(rope_module)
+    declarations = (ExpectBuffers(rope_module),)
 
 
 INTEGRATION = TorchTune()

@@ -219,8 +219,10 @@ class Materialisation:
                 by_storage[id(storage)] = (("group", key), group.tensor, storage)
                 continue
             base_location, base_tensor, _ = base
-            group.view = (base_location, tuple(group.tensor.shape), group.tensor.stride(),
-                          group.tensor.storage_offset() - base_tensor.storage_offset())
+            offset = slots.within(group.tensor, base_tensor)
+            if offset is None:
+                continue  # shares memory beyond what the base covers: filled on its own
+            group.view = (base_location, tuple(group.tensor.shape), group.tensor.stride(), offset)
             if base_location[0] == "group":
                 bases.add(base_location[1])
         return bases

@@ -90,6 +90,16 @@ class Slot:
                         self.module.__dict__[name] = flag
 
 
+def within(view: torch.Tensor, base: torch.Tensor) -> int | None:
+    """The offset of ``view``'s first element from ``base``'s, if every element of ``view`` is one of
+    ``base``'s contiguous span (so ``view`` can be made again from a new ``base``); else None."""
+    offset = view.storage_offset() - base.storage_offset()
+    if not base.is_contiguous() or offset < 0:
+        return None
+    last = offset + sum((size - 1) * stride for size, stride in zip(view.shape, view.stride()) if size)
+    return offset if view.numel() == 0 or last < base.numel() else None
+
+
 # --------------------------------------------------------------------------- tensors in containers
 
 _SKIP, _TENSOR, _SEQUENCE, _MAPPING, _OBJECT = range(1, 6)  # what a value's type asks of the walk (never 0)

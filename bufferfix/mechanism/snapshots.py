@@ -10,6 +10,7 @@ module, so ``state_dict``, pickling and ``torch.save`` are unaffected.
 import torch
 
 from . import compat
+from .slots import within
 
 taken = compat.WeakIdKeyDictionary()  # meta tensor -> the real tensor it replaced (read as data by sources)
 
@@ -96,8 +97,9 @@ def _views(modules):
                 bases[id(storage)] = ((slot[0], slot[1], "buffer"), tensor, storage)
             continue
         location, base_tensor, _ = base
-        found.append((slot, location, tuple(tensor.shape), tensor.stride(),
-                      tensor.storage_offset() - base_tensor.storage_offset()))
+        offset = within(tensor, base_tensor)
+        if offset is not None:  # else it shares memory beyond what the base covers: moved on its own
+            found.append((slot, location, tuple(tensor.shape), tensor.stride(), offset))
     return found
 
 

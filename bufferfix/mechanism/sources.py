@@ -82,21 +82,20 @@ def _from_owners(slot: Slot, old: torch.Tensor | None, attempts: list[Attempt], 
     tried = len(attempts)
     owners = [(owner, path.rstrip(".")) for owner, path in recording.owners(slot.module, "")]
     start = recording.constructed_by(old) if old is not None else None
-    if start is not None and any(owner is start for owner, _ in owners):
-        # Put there by an ancestor's constructor after its child's returned: only its replay has it.
-        owners = owners[next(index for index, (owner, _) in enumerate(owners) if owner is start):]
-    for owner, path in owners:
+    # Put there by an ancestor's constructor after its child's returned: only that one's replay has it.
+    first_replay = next((index for index, (owner, _) in enumerate(owners) if owner is start), 0)
+    for index, (owner, path) in enumerate(owners):
         relative = path + "." + slot.label if path else slot.label
         reason = recompute.declared_unrecoverable(type(owner), relative) if recompute.unrecoverable else None
         if reason is not None:  # the verdict replaces what nearer modules' replays said
-            attempts[tried:] = [Attempt(_qualified_class(type(owner)), reason, relative)]
+            attempts[:] = [Attempt(_qualified_class(type(owner)), reason, relative)]
             return None
         function = recompute.registered_recompute(type(owner)) if recompute.recompute_functions else None
         if function is not None:  # the author's own recompute function comes first
             value = _call_recompute_function(function, owner, relative, attempts)
             if value is not None:
                 return Found(value, Source.RECOMPUTE_FUNCTION, _qualified_class(type(owner)))
-        recipe = recording.recipe_of(owner) if replayable else None
+        recipe = recording.recipe_of(owner) if replayable and index >= first_replay else None
         if recipe is None:
             continue
         try:
