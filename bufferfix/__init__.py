@@ -13,17 +13,21 @@ import logging
 import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any
 
 from .activation import registry, settings
 from .errors import BufferFixWarning, UnrecoverableBufferError, UnrecoverableBufferWarning
 from .recovery import Attempt, Reason, Recovery, Source  # standard library only
 from .reporting import is_strict, set_strict
 
+if TYPE_CHECKING:
+    from .tools.check import CheckReport
+
 __version__ = "0.2.0"
 __all__ = [
     "Attempt", "BufferFixWarning", "Held", "Reason", "Recovery", "Source", "UnrecoverableBufferError",
     "UnrecoverableBufferWarning",
-    "disable", "disabled", "enable", "explain", "held", "is_enabled", "is_strict", "never_replay",
+    "check", "disable", "disabled", "enable", "explain", "held", "is_enabled", "is_strict", "never_replay",
     "register_recompute", "set_strict",
 ]
 
@@ -70,6 +74,43 @@ def explain(model) -> list[Recovery]:
     from .mechanism.restore import Materialisation
 
     return Materialisation(model).explain()
+
+
+def check(build: Callable[[], Any], *, patched: bool = True) -> "CheckReport":
+    """Run every meta-device flow on the model ``build()`` returns and compare its non-persistent
+    buffers and plain tensor attributes with a normal build, bit for bit (value, dtype, device).
+
+    For library maintainers' and users' own test suites:
+
+    ```python
+    report = bufferfix.check(lambda: MyModel(MyConfig()))
+    assert report.ok, report
+    ```
+
+    Args:
+        build: a zero-argument callable returning the model (a ``torch.nn.Module``); called once for
+            the normal build, and once for each flow that builds the model.
+        patched: ``True`` (the default) runs the flows with bufferfix on; ``False`` with bufferfix
+            switched off (``bufferfix.disabled()``), to show what the model's own code does, e.g. to
+            catch a regression of a library's own ``_init_weights``.
+
+    Returns:
+        A ``CheckReport`` (from ``bufferfix.tools.check``). Its ``.ok`` is true when every flow that
+            ran gave every tensor back exactly; its ``.problems`` name the flow, the module path, the
+            tensor, and what differs or why bufferfix cannot recover it; its ``.not_checked`` names
+            the flows that did not run, and why. ``str(report)`` is readable, so
+            ``assert report.ok, report`` explains itself.
+
+    The flows are those of ``bufferfix.flows.FLOWS``, plus ``save_pretrained`` ->
+    ``from_pretrained`` when the model is a transformers ``PreTrainedModel``; the two accelerate
+    flows are not checked when accelerate is not installed.  Uninitialised memory is poisoned
+    (NaN / max-int) while they run, so a lost buffer never matches by luck.  The normal build's own
+    exceptions propagate.  The global RNG state, and whether bufferfix is on, are as they were
+    afterwards.  Imports torch.
+    """
+    from .tools.check import check as run_check
+
+    return run_check(build, patched=patched)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,9 @@
 """The formatting layer: the only place :class:`~bufferfix.recovery.Recovery` values
 become words (warnings, errors, debug logs, the doctor's report), and strict mode, which
 decides between a warning and an error."""
+import os
+import sys
+import sysconfig
 from collections.abc import Iterable
 
 from . import errors
@@ -52,18 +55,50 @@ def is_strict() -> bool:
     return settings.flag(settings.STRICT) if _strict is None else bool(_strict)
 
 
+# BUFFERFIX_STRICT is needed only when a buffer cannot be recovered; it is read now too, so that an invalid
+# value is reported at start-up (one line on stderr), like the other variables', not at the first problem.
+settings.flag(settings.STRICT)
+
+
 def why(attempt: Attempt) -> str:
     return _REASONS[attempt.reason].format(origin=attempt.origin, detail=attempt.detail)
 
 
+def explanation(recovery: Recovery) -> str:
+    """How it was recovered, or why it was not: each reason once (the nearest module's attempt; a
+    parent whose replay fails the same way adds nothing)."""
+    if recovery.recovered:
+        return _SOURCES[recovery.source].format(origin=recovery.origin)
+    first = {}
+    for attempt in recovery.attempts:
+        first.setdefault(attempt.reason, attempt)
+    return "; ".join(why(attempt) for attempt in first.values()) or why(Attempt(None, recovery.reason,
+                                                                               recovery.detail))
+
+
 def describe(recovery: Recovery) -> str:
     """``name (Owner): how it was recovered`` or ``...: why it was not``."""
-    if recovery.recovered:
-        how = _SOURCES[recovery.source].format(origin=recovery.origin)
-    else:
-        how = "; ".join(why(attempt) for attempt in recovery.attempts) or why(Attempt(None, recovery.reason,
-                                                                                       recovery.detail))
-    return "%s (%s): %s" % (recovery.name, recovery.owner, how)
+    return "%s (%s): %s" % (recovery.name, recovery.owner, explanation(recovery))
+
+
+def _installed_paths():
+    paths = sysconfig.get_paths()
+    return tuple(os.path.realpath(paths[key]) + os.sep for key in ("stdlib", "platstdlib", "purelib", "platlib")
+                 if paths.get(key))
+
+
+def own_class(recovery: Recovery) -> str | None:
+    """The class holding the tensor, when it is the user's own code (not installed in site-packages
+    or the standard library), else None; unknown (no recorded constructor names it) is None."""
+    for origin in (recovery.origin, *(attempt.origin for attempt in recovery.attempts)):
+        if not origin or not origin.endswith("." + recovery.owner):
+            continue
+        module = sys.modules.get(origin[:-len(recovery.owner) - 1])
+        path = getattr(module, "__file__", None)
+        if module is None or (path and os.path.realpath(path).startswith(_installed_paths())):
+            return None
+        return recovery.owner
+    return None
 
 
 def report_unrecoverable(recoveries: Iterable[Recovery]) -> None:
@@ -72,11 +107,16 @@ def report_unrecoverable(recoveries: Iterable[Recovery]) -> None:
     if not recoveries:
         return
     lines = "\n".join("  - " + describe(recovery) for recovery in recoveries)
+    fixes = ["build the model normally (not on meta)",
+             "register a recompute function with bufferfix.register_recompute(ModuleClass, fn)"]
+    own = sorted({name for name in map(own_class, recoveries) if name})
+    if own:
+        fixes.append("in your own class %s, register the buffer with persistent=True so that checkpoints hold "
+                     "its value" % " / ".join(own))
     message = (
         "bufferfix could not recover %d non-persistent buffer(s) after materialisation; "
         "they hold uninitialised memory:\n%s\n"
-        "Fix: build the model normally (not on meta), or register a recompute function "
-        "with bufferfix.register_recompute(ModuleClass, fn)." % (len(recoveries), lines)
+        "Fix: %s." % (len(recoveries), lines, "; or ".join(fixes))
     )
     if is_strict():
         raise errors.UnrecoverableBufferError(message, recoveries)

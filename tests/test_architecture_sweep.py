@@ -24,7 +24,7 @@ import pytest
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-import sweep  # noqa: E402
+from sweeps import transformers as sweep  # noqa: E402
 
 # One architecture per kind of non-persistent buffer (all have some in transformers 4.57 and 5.x;
 # t5, bart, whisper, wav2vec2 and vit have none, so they would test nothing here).

@@ -16,6 +16,7 @@ import bufferfix
 from bufferfix import reporting
 from bufferfix.flows import FLOWS
 from bufferfix.tools import cli, demo, doctor
+from bufferfix.tools.check import FLOW_NAMES, FROM_PRETRAINED
 
 try:
     import accelerate  # noqa: F401  (the flows' init_empty_weights)
@@ -81,7 +82,7 @@ def test_help_says_what_bufferfix_is_and_lists_everything(invocation, prog):
     assert set(re.findall(r"BUFFERFIX_\w+", text)) == variables  # every one of the README's table, no other
     demo_help = shell(invocation + " demo --help", timeout=60).stdout
     assert demo_help.startswith("usage: %s demo " % prog)
-    for option in ("--max-steps", "--save", "--target-loss", "--json", "--plot", "--realistic-memory"):
+    for option in ("--max-steps", "--save", "--target-loss", "--json", "--plot"):
         assert option in demo_help
     assert shell(invocation + " doctor --help", timeout=60).stdout.startswith("usage: %s doctor " % prog)
 
@@ -150,8 +151,9 @@ def test_demo_with_bufferfix_every_flow_gives_the_trained_model(demo_run):
     model = transformers.AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32)
     loss, logits = demo.score(model, demo.evaluation_batch(torch))
     assert loss == report["trained_loss"]
-    expected_flows = ["from_pretrained"] + list(FLOWS)
+    expected_flows = [FROM_PRETRAINED] + [FLOW_NAMES[key] for key in FLOWS]
     assert list(report["with_bufferfix"]) == expected_flows == list(report["without_bufferfix"])
+    assert list(report["without_bufferfix_memory_as_allocated"]) == expected_flows
     for flow, result in report["with_bufferfix"].items():
         assert result["error"] is None, flow
         assert result["loss"] == loss, flow
@@ -161,26 +163,39 @@ def test_demo_with_bufferfix_every_flow_gives_the_trained_model(demo_run):
 
 def test_demo_without_bufferfix_meta_flows_are_broken(demo_run):
     report, _, _ = demo_run
-    without = report["without_bufferfix"]
+    poisoned = report["without_bufferfix"]
     # transformers' from_pretrained recomputes Qwen2's rotary buffers itself: fine without bufferfix.
-    assert without["from_pretrained"]["loss"] == report["trained_loss"]
-    for flow in FLOWS:
-        result = without[flow]
-        assert (result["error"] is not None or math.isnan(result["loss"])
-                or result["loss"] != report["trained_loss"]), flow
+    assert poisoned[FROM_PRETRAINED]["loss"] == report["trained_loss"]
+    for key in FLOWS:
+        result = poisoned[FLOW_NAMES[key]]  # poisoned memory: a lost buffer always shows
+        assert result["error"] is not None or math.isnan(result["loss"]), key
 
 
-def test_demo_table_shows_the_measured_numbers(demo_run):
+def _cells(line):
+    """A demo table row: ``(flow, [its four cells])``."""
+    *name, garbage, poisoned, loss, difference = line.split()
+    return " ".join(name), [garbage, poisoned, loss, difference]
+
+
+def test_demo_table_shows_the_measured_numbers_in_100_columns(demo_run):
     report, log, _ = demo_run
-    rows = {line.split("|")[0].strip(): line for line in log.splitlines() if line.count("|") >= 3}
-    assert "correct (= the trained model)" in rows["flow"]
-    for flow in report["with_bufferfix"]:
-        correct, without, with_fix = rows[flow].split("|")[1:4]
-        assert "%.3f" % report["trained_loss"] in correct and "Δlogit        0" in correct
-        assert "%.3f" % report["with_bufferfix"][flow]["loss"] in with_fix
-        loss = report["without_bufferfix"][flow]["loss"]
-        assert ("nan" if loss is None or math.isnan(loss) else "%.3f" % loss) in without or "crash" in without
     assert "training: step" in log  # progress while training
+    table = log.split("The trained model's loss is", 1)[1]
+    assert "%.3f" % report["trained_loss"] in table.splitlines()[0]
+    assert max(len(line) for line in log.splitlines()) <= 100, log
+    rows = dict(_cells(line) for line in table.splitlines() if line.startswith(tuple(report["with_bufferfix"])))
+    assert list(rows) == list(report["with_bufferfix"])  # every flow named by all its steps
+    for flow, (garbage, poisoned, loss, difference) in rows.items():
+        for cell, result in ((garbage, report["without_bufferfix_memory_as_allocated"][flow]),
+                             (poisoned, report["without_bufferfix"][flow]), (loss, report["with_bufferfix"][flow])):
+            if result["error"] is not None:
+                assert cell.startswith("crash"), flow
+            else:
+                assert cell == ("nan" if math.isnan(result["loss"]) else "%.3f" % result["loss"]), flow
+        assert difference == "0"
+    # Memory as allocated: what the report saw, plausible losses rather than only NaN
+    assert any(not math.isnan(result["loss"] if result["loss"] is not None else math.nan)
+               for flow, result in report["without_bufferfix_memory_as_allocated"].items() if flow != FROM_PRETRAINED)
 
 
 @needs_transformers
@@ -245,15 +260,16 @@ def test_doctor_on_transformers_model_types(target, llama_report, without_buffer
         assert entry["dtype"] == str(actual[entry["name"]].dtype).replace("torch.", "")
         assert entry["recovery"] == "replay" and entry["reason"] is None and entry["kind"] == "buffer"
         assert entry["transformers_init"] is True  # from_pretrained refills them even unpatched
-    assert list(report["flows"]) == list(FLOWS) + ["from_pretrained"]
+    assert list(report["flows"]) == [FLOW_NAMES[key] for key in FLOWS] + [FROM_PRETRAINED]
+    keys = {name: key for key, name in FLOW_NAMES.items()}
     for flow, result in report["flows"].items():
         assert result["verdict"] == "ok", flow
         assert result["with_bufferfix"]["broken"] == [] and result["with_bufferfix"]["error"] is None
-        if flow in FLOWS:  # the "without" column is what an unpatched flow really does
-            broken = unpatched_broken(build, flow)
+        if flow in keys:  # the "without" column is what an unpatched flow really does
+            broken = unpatched_broken(build, keys[flow])
             assert set(result["without_bufferfix"]["broken"]) == broken, flow
             assert set(non_persistent_buffers(model)) <= broken, flow  # every real buffer is lost
-    assert report["ok"] and status == 0
+    assert report["ok"] and status == 0 and report["not_checked"] == {}
 
 
 @needs_transformers
@@ -275,8 +291,8 @@ def test_doctor_names_an_unrecoverable_buffer():
     assert [entry["name"] for entry in cannot] == random and cannot[0]["reason"] == "random"
     assert {entry["recovery"] for entry in report["buffers"] if entry not in cannot} == {"replay"}
     # The snapshot flow keeps the real tensor: it even gets the random buffer right.
-    assert report["flows"][".to('meta')"]["verdict"] == "ok"
-    assert report["flows"]["torch.device('meta')"]["with_bufferfix"]["broken"] == random
+    assert report["flows"][FLOW_NAMES[".to('meta')"]]["verdict"] == "ok"
+    assert report["flows"][FLOW_NAMES["torch.device('meta')"]]["with_bufferfix"]["broken"] == random
     text = doctor.format_report(report)
     assert "PROBLEM" in text and "random.projection" in text
 
@@ -293,11 +309,11 @@ def test_doctor_classifies_from_values_not_from_words(monkeypatch):
         "random.projection": ("cannot", "random"), "random.steps": ("replay", None)}
     assert by_name["random.projection"]["description"] == "REWORDED noitcejorp.modnar"
     assert report["unrecoverable"] == ["random.projection"] and not report["ok"]
-    meta = report["flows"]["torch.device('meta')"]
+    meta = report["flows"][FLOW_NAMES["torch.device('meta')"]]
     assert meta["verdict"] == "random buffers differ" and meta["with_bufferfix"]["broken"] == ["random.projection"]
     assert [(w["name"], w["reason"], w["description"]) for w in meta["with_bufferfix"]["warnings"]] == [
         ("random.projection", "random", "REWORDED noitcejorp.modnar")]
-    assert report["flows"][".to('meta')"]["verdict"] == "ok"
+    assert report["flows"][FLOW_NAMES[".to('meta')"]]["verdict"] == "ok"
     text = doctor.format_report(report)
     assert "CANNOT: random" in text and "REWORDED noitcejorp.modnar" in text
 
@@ -318,7 +334,7 @@ def test_doctor_measures_transformers_init_on_a_custom_model(tmp_path, without_b
     right_unpatched = identical(loaded.scale, reference.scale)
     assert right_unpatched == (int(transformers.__version__.split(".")[0]) < 5)
     assert entry["transformers_init"] is right_unpatched
-    from_pretrained = report["flows"]["from_pretrained"]
+    from_pretrained = report["flows"][FROM_PRETRAINED]
     assert from_pretrained["without_bufferfix"]["broken"] == ([] if right_unpatched else ["scale"])
     assert from_pretrained["with_bufferfix"]["broken"] == [] and from_pretrained["verdict"] == "ok"
 
@@ -333,8 +349,9 @@ def test_doctor_text_report_on_a_saved_model_directory(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     for name in expected_names(model):
         assert name in result.stdout
-    for flow in list(FLOWS) + ["from_pretrained"]:
-        assert flow in result.stdout
+    rows = [line.strip() for line in result.stdout.splitlines()]
+    for flow in [FLOW_NAMES[key] for key in FLOWS] + [FROM_PRETRAINED]:  # each flow named by all its steps
+        assert any(row.startswith(flow + " ") for row in rows), flow
 
 
 @pytest.mark.parametrize("target, says", [
@@ -345,6 +362,8 @@ def test_doctor_text_report_on_a_saved_model_directory(tmp_path):
     ("cli_targets:fails_to_build", "this model needs a GPU"),
     ("cli_targets:not_a_module", "not a torch.nn.Module"),
     ("tests", "no config.json"),
+    ("tests/cli_targets.py", "add the callable that builds the model, as tests/cli_targets.py:CALLABLE"),
+    ("tests/no_such_file.py", "no such file"),
 ])
 def test_doctor_bad_target_is_one_clear_line(target, says):
     result = run("bufferfix", "doctor", target, timeout=120)
@@ -353,6 +372,74 @@ def test_doctor_bad_target_is_one_clear_line(target, says):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr
     assert lines[0].startswith("bufferfix doctor: %s" % target) and says in lines[0]
+
+
+MODELS_HERE = """
+import torch
+from torch import nn
+
+
+class Rotary(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(0, 8, 2).float() / 8), persistent=False)
+
+
+def build():
+    return Rotary()
+"""
+
+
+def test_doctor_finds_a_module_in_the_current_directory_as_python_m_does(tmp_path):
+    (tmp_path / "models_in_cwd.py").write_text(MODELS_HERE)
+    for command in ([os.path.join(SCRIPTS, "bufferfix")], [sys.executable, "-m", "bufferfix"]):
+        result = subprocess.run(command + ["doctor", "models_in_cwd:build", "--json"], cwd=tmp_path,
+                                env=environment(), capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert [entry["name"] for entry in json.loads(result.stdout)["buffers"]] == ["inv_freq"]
+
+
+def test_doctor_never_says_ok_about_a_flow_that_did_not_run(tmp_path):
+    # accelerate made unimportable for the doctor and its BUFFERFIX_DISABLE=1 child alike
+    (tmp_path / "accelerate").mkdir()
+    (tmp_path / "accelerate" / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'accelerate'\", name='accelerate')\n")
+    variables = environment()
+    variables["PYTHONPATH"] = os.pathsep.join([str(tmp_path), variables["PYTHONPATH"]])
+    result = subprocess.run([sys.executable, "-m", "bufferfix", "doctor", "cli_targets:clean_model"], cwd=ROOT,
+                            env=variables, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = result.stdout
+    assert "every flow" not in text
+    assert "OK: bufferfix recovers every non-persistent buffer in each of the 3 flows checked." in text
+    for key in ("init_empty_weights", "init_empty_weights(include_buffers)"):
+        line = "NOT CHECKED: %s: accelerate is not installed (pip install accelerate)" % FLOW_NAMES[key]
+        assert line in text.splitlines(), text
+
+
+@needs_transformers
+def test_doctor_class_of_another_model_type_is_one_clear_line():
+    result = run("bufferfix", "doctor", "bert", "--class", "GPT2LMHeadModel", timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    [line] = result.stderr.strip().splitlines()
+    assert line == ("bufferfix doctor: bert: GPT2LMHeadModel is a gpt2 model, not a bert one (its config is "
+                    "GPT2Config); pass a bert class, e.g. --class BertModel")
+
+
+@needs_transformers
+def test_a_model_type_that_builds_at_no_level_gives_each_error_once():
+    from bufferfix.tools.doctor import targets
+
+    class NeverBuilds:
+        def __init__(self, config):
+            raise AttributeError("'BertConfig' object has no attribute 'embd_pdrop'")
+
+    with pytest.raises(targets.TargetError) as caught:
+        targets._small_config("bert", NeverBuilds)
+    message = str(caught.value)
+    assert message.count("AttributeError") == 1 and "config config" not in message
+    assert "tiny config / tiny, full-size images config / fewer layers, small vocab config / fewer layers config / " \
+           "default config: AttributeError: " in message
 
 
 def test_doctor_main_returns_the_exit_status(capsys):

@@ -14,8 +14,8 @@ import pytest
 pytest.importorskip("diffusers")
 pytest.importorskip("accelerate")
 
-import libsweep
-import sweep_diffusers
+from sweeps import diffusers as sweep_diffusers
+from sweeps import harness as libsweep
 
 SUBSET = {
     "diffusers.PriorTransformer": "bool causal-mask buffer",

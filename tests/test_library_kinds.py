@@ -6,10 +6,10 @@ constructor registers only off meta (torchtune's rope_init()), and legacy weight
 import math
 import warnings
 
-import libsweep
 import pytest
 import torch
 from compare import loading_ends
+from sweeps import harness as libsweep
 from torch import nn
 
 import bufferfix

@@ -15,8 +15,8 @@ import pytest
 pytest.importorskip("peft")
 pytest.importorskip("accelerate")
 
-import libsweep
-import sweep_peft
+from sweeps import harness as libsweep
+from sweeps import peft as sweep_peft
 
 import bufferfix
 from bufferfix.recovery import Reason

@@ -44,6 +44,30 @@ def test_random_buffer_is_reported_by_path_and_name():
     assert caught[0].filename == __file__  # attributed to the user's call, not to bufferfix
 
 
+def test_each_reason_is_given_once_per_tensor_and_persistent_true_offered_for_your_own_class():
+    model = meta_build(Holder)  # Holder's replay draws random.projection from the RNG too: the same reason
+    with pytest.warns(bufferfix.UnrecoverableBufferWarning) as caught:
+        model.to_empty(device="cpu")
+    message = str(caught[0].message)
+    [recovery] = caught[0].message.recoveries
+    assert [attempt.reason for attempt in recovery.attempts] == [bufferfix.Reason.RANDOM] * 2  # both tried...
+    assert message.count("random number generator") == 1, message  # ...the reason said once
+    assert "in your own class RandomProjection, register the buffer with persistent=True" in message
+
+
+def test_persistent_true_is_offered_only_for_code_outside_installed_packages():
+    from bufferfix import reporting
+
+    def recovery(owner, origin):
+        return bufferfix.Recovery("x.table", owner, "buffer", None, origin, bufferfix.Reason.RANDOM,
+                                  attempts=(bufferfix.Attempt(origin, bufferfix.Reason.RANDOM),))
+
+    assert reporting.own_class(recovery("RandomProjection", __name__ + ".RandomProjection")) == "RandomProjection"
+    assert reporting.own_class(recovery("Linear", "torch.nn.modules.linear.Linear")) is None  # site-packages
+    assert reporting.own_class(recovery("Holder", __name__ + ".RandomProjection")) is None  # another class's recipe
+    assert reporting.own_class(recovery("Holder", None)) is None  # nothing recorded: unknown
+
+
 def test_a_declared_verdict_names_only_the_declared_buffers():
     from bufferfix.mechanism import recompute
 

@@ -357,3 +357,42 @@ def test_log_level_parsing(capsys):
     assert _env.log_level({}) is None
     assert _env.log_level({_env.LOG_LEVEL: "chatty"}) is None and _env.log_level({_env.LOG_LEVEL: "x"}) is None
     assert capsys.readouterr().err.count("BUFFERFIX_LOG_LEVEL") == 1
+
+
+def test_unknown_disabled_integration_names_warn_naming_them_and_the_known_names(capsys):
+    from bufferfix.activation import registry
+
+    known = registry.known_names()
+    assert {"torch_nn", "transformers", "accelerate"} <= known
+    for value, kept, says in [("torch_nn,foo", {"torch_nn"}, "unknown name 'foo', ignored"),
+                              ("transformer", set(), "unknown name 'transformer' (did you mean 'transformers'?)")]:
+        _env._already_complained.discard(_env.DISABLED_INTEGRATIONS)
+        assert _env.names(_env.DISABLED_INTEGRATIONS, {_env.DISABLED_INTEGRATIONS: value}, known=known) == kept
+        err = capsys.readouterr().err
+        assert says in err and "the known names are %s" % ", ".join(sorted(known)) in err, err
+    _env._already_complained.discard(_env.DISABLED_INTEGRATIONS)
+    assert _env.names(_env.DISABLED_INTEGRATIONS, {_env.DISABLED_INTEGRATIONS: " Accelerate , peft"},
+                      known=known) == {"accelerate", "peft"}
+    assert capsys.readouterr().err == ""
+
+
+def _import_bufferfix(**variables):
+    """stderr of ``import bufferfix`` in a fresh interpreter with ``variables`` set (torch is not imported)."""
+    result = subprocess.run([sys.executable, "-c", "import bufferfix"], capture_output=True, text=True,
+                            timeout=TIMEOUT, cwd=str(ROOT), env=dict(clean_environment(**variables),
+                                                                     PYTHONPATH=str(ROOT)))
+    assert result.returncode == 0, result.stderr
+    return result.stderr
+
+
+@pytest.mark.parametrize("value, unknown", [("torch_nn,foo", "'foo'"), ("transformer", "'transformer'")])
+def test_an_unknown_disabled_integration_is_reported_at_start_up(value, unknown):
+    lines = _import_bufferfix(BUFFERFIX_DISABLED_INTEGRATIONS=value).splitlines()
+    assert len(lines) == 1 and unknown in lines[0] and "torch_nn, torchtune, transformers" in lines[0], lines
+
+
+@pytest.mark.parametrize("value", ["2", "strict"])
+def test_an_invalid_strict_value_is_reported_at_start_up(value):
+    assert _import_bufferfix(BUFFERFIX_STRICT=value) == \
+        "bufferfix: ignoring BUFFERFIX_STRICT=%r (expected 1/true/yes/on or 0/false/no/off); using 0\n" % value
+    assert _import_bufferfix(BUFFERFIX_STRICT="1", BUFFERFIX_DISABLED_INTEGRATIONS="accelerate") == ""

@@ -24,7 +24,7 @@ import pytest
 timm = pytest.importorskip("timm")
 pytest.importorskip("accelerate")
 
-import sweep_timm  # noqa: E402
+from sweeps import timm as sweep_timm  # noqa: E402
 
 # name -> (create_model arguments that make it small, what kind of buffer it covers)
 SUBSET = {

@@ -14,8 +14,8 @@ pytest.importorskip("torchtitan")
 pytest.importorskip("triton")  # torchtitan 0.3.0 imports it even on CPU
 pytest.importorskip("accelerate")
 
-import libsweep
-import sweep_torchtitan
+from sweeps import harness as libsweep
+from sweeps import torchtitan as sweep_torchtitan
 
 SUBSET = {
     "torchtitan.llama3.debugmodel": "ComplexRoPE cache (complex64), one per layer",

@@ -13,8 +13,8 @@ import pytest
 pytest.importorskip("torchtune")
 pytest.importorskip("accelerate")
 
-import libsweep
-import sweep_torchtune
+from sweeps import harness as libsweep
+from sweeps import torchtune as sweep_torchtune
 
 SUBSET = {
     "torchtune.llama3.llama3": "RotaryPositionalEmbeddings theta / cache, one module shared by every layer",

@@ -31,9 +31,14 @@ def integration_name(module_name):
     return module_name.rpartition(".")[2]
 
 
+def known_names():
+    """The integration names BUFFERFIX_DISABLED_INTEGRATIONS accepts."""
+    return frozenset(integration_name(module) for module in INTEGRATIONS.values())
+
+
 def switched_off():
-    """The integrations BUFFERFIX_DISABLED_INTEGRATIONS leaves unpatched."""
-    return settings.names(settings.DISABLED_INTEGRATIONS)
+    """The integrations BUFFERFIX_DISABLED_INTEGRATIONS leaves unpatched (an unknown name warns, once)."""
+    return settings.names(settings.DISABLED_INTEGRATIONS, known=known_names())
 
 
 def _post_import_hook(integration_module):

@@ -28,7 +28,7 @@ ENVIRONMENT = [  # the README's table "Environment variables", in short
 ]
 
 EXAMPLES = """\
-  bufferfix demo                               train a tiny LM, reload it through every flow (about a minute)
+  bufferfix demo                               train a tiny LM, reload it through every flow (under a minute)
   bufferfix demo --max-steps 200 --save DIR    stop training sooner; keep the trained model in DIR
   bufferfix doctor llama                       audit a model type, a save_pretrained directory or module:callable
   bufferfix-run torchrun --nproc_per_node 8 train.py

@@ -17,6 +17,27 @@ def identical(a, b):
             and not a.is_meta and torch.equal(bits(a), bits(b)))
 
 
+def difference(got, expected):
+    """What differs between ``got`` (None: missing) and ``expected``, in words: ``"still on meta"``,
+    ``"dtype float16, a normal build has float32"``, ``"3 of 4 values differ (NaN: 3)"``..."""
+    if got is None:
+        return "missing (a normal build has it)"
+    if got.is_meta:
+        return "still on meta"
+    parts = ["%s %s, a normal build has %s" % (what, ours, theirs) for what, ours, theirs in (
+        ("dtype", got.dtype, expected.dtype), ("device", got.device, expected.device),
+        ("shape", tuple(got.shape), tuple(expected.shape))) if ours != theirs]
+    if parts:
+        return "; ".join(parts).replace("torch.", "")
+    size = max(got.element_size(), 1)
+    unlike = (bits(got).reshape(-1, size) != bits(expected).reshape(-1, size)).any(dim=1)
+    text = "%d of %d values differ" % (int(unlike.sum()), got.numel())
+    if got.is_floating_point() or got.is_complex():
+        nan = int(torch.isnan(got.detach().cpu()).sum())
+        text += " (NaN: %d)" % nan if nan else ""
+    return text
+
+
 def qualified(path, name):
     """``"layers.0" + "inv_freq"`` -> ``"layers.0.inv_freq"`` (the root module's path is ``""``)."""
     return "%s.%s" % (path, name) if path else name

@@ -1,13 +1,15 @@
-"""``bufferfix demo``: the public report (transformers issue 36577), offline, in about a minute.
+"""``bufferfix demo``: the public report (transformers issue 36577), offline, in under a minute on 2 CPU cores.
 
 A tiny Qwen2-architecture causal LM (config: ``bufferfix/tools/data/demo_qwen2.json``) is trained on
 an embedded text until its evaluation loss is about 0.15, saved with ``save_pretrained``, then
 reloaded through ``from_pretrained`` and through each meta-device flow of
-:data:`bufferfix.flows.FLOWS`.  Every flow is evaluated twice, each time in a fresh interpreter:
-once with ``BUFFERFIX_DISABLE=1`` (genuinely unpatched: bufferfix never touches torch there) and
-once with bufferfix on.  Each reloaded model is scored on the same evaluation batch as the
-trained model, and its logits are compared with the trained model's: the trained model is the
-reference, every correct flow gives exactly its loss (largest logit difference 0).
+:data:`bufferfix.flows.FLOWS`, each in fresh interpreters: without bufferfix (``BUFFERFIX_DISABLE=1``,
+genuinely unpatched: bufferfix never touches torch there) twice, with uninitialised memory as the
+allocator hands it back (what a user sees: plausible, wrong losses) and poisoned (NaN / max-int:
+a lost buffer always shows), and with bufferfix on (memory poisoned, so nothing is right by luck).
+Each reloaded model is scored on the same evaluation batch as the trained model, and its logits
+are compared with the trained model's: the trained model is the reference, every correct flow
+gives exactly its loss (largest logit difference 0).
 
 Every interpreter runs torch single-threaded: on a small model this is faster than several
 threads (and much faster on a busy machine), and it makes every number reproducible.
@@ -22,6 +24,7 @@ import tempfile
 import time
 
 from . import unpatched
+from .check import FLOW_NAMES, FROM_PRETRAINED
 from .errors import require
 
 CONFIG_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "demo_qwen2.json")
@@ -37,11 +40,10 @@ BATCH = 8
 LEARNING_RATE = 3e-3
 EVALUATE_EVERY = 5  # steps; training stops at the first evaluation at or below the target
 REPORTED = {  # transformers issue 36577 (its own Qwen2 model and data), loss after reloading: for comparison only
-    "from_pretrained": 0.151,
-    "init_empty_weights": 4.54,
-    "torch.device('meta')": 3.57,
+    FROM_PRETRAINED: 0.151,
+    FLOW_NAMES["init_empty_weights"]: 4.54,
+    FLOW_NAMES["torch.device('meta')"]: 3.57,
 }
-FROM_PRETRAINED = "from_pretrained"
 REFERENCE_FILE = "bufferfix-demo-reference.pt"
 
 
@@ -115,7 +117,10 @@ def train(directory, target_loss=0.15, max_steps=1000, log=print):
 
 # --------------------------------------------------------------------------- one column (child)
 
-def evaluate(directory, realistic_memory=False):
+ALLOCATED, POISONED = "as allocated", "poisoned"  # uninitialised memory as the allocator hands it back / NaN
+
+
+def evaluate(directory, memory=POISONED):
     """In this interpreter: reload the saved model through every flow.  Returns
     ``{flow: {"loss", "max_logit_difference", "error"}}`` (a crash is a result too)."""
     import torch
@@ -136,9 +141,9 @@ def evaluate(directory, realistic_memory=False):
         return model_class(config)
 
     loaders = {FROM_PRETRAINED: lambda: model_class.from_pretrained(directory, dtype=torch.float32)}
-    loaders.update({name: (lambda flow=flow: flow(build, state_dict)) for name, flow in flows.FLOWS.items()})
+    loaders.update({FLOW_NAMES[key]: (lambda flow=flow: flow(build, state_dict)) for key, flow in flows.FLOWS.items()})
     results = {}
-    poison = contextlib.nullcontext() if realistic_memory else flows.uninitialised_memory_is_poisoned()
+    poison = flows.uninitialised_memory_is_poisoned() if memory == POISONED else contextlib.nullcontext()
     with poison:
         for name, load in loaders.items():
             try:
@@ -152,52 +157,68 @@ def evaluate(directory, realistic_memory=False):
     return results
 
 
-def _evaluate_child(directory, realistic_memory):
-    unpatched.answer({"results": evaluate(directory, realistic_memory)})
+def _evaluate_child(directory, memories):
+    unpatched.answer({"results": {memory: evaluate(directory, memory) for memory in memories}})
 
 
-def run_columns(directory, realistic_memory=False):
-    """``(without, with)``: both columns, each in a fresh interpreter, run side by side."""
-    arguments = ["--evaluate", directory] + (["--realistic-memory"] if realistic_memory else [])
-    children = [unpatched.Child(__name__, arguments, bufferfix_on) for bufferfix_on in (False, True)]
-    columns = []
-    for child in children:
+def run_columns(directory):
+    """``(without as allocated, without poisoned, with bufferfix)``: the unpatched interpreter measures
+    both kinds of memory (as allocated first, as in a user's fresh process), a bufferfix one runs
+    beside it."""
+    children = [(unpatched.Child(__name__, ["--evaluate", directory, "--memory", memories], bufferfix_on), memories)
+                for bufferfix_on, memories in ((False, ALLOCATED + "," + POISONED), (True, POISONED))]
+    columns = {}
+    for child, memories in children:
         try:
-            columns.append(child.result()["results"])
+            results = child.result()["results"]
         except unpatched.ChildFailed as error:
             raise RuntimeError("%s\n%s" % (error, error.stderr[-3000:])) from None
-    return tuple(columns)
+        columns[child.bufferfix_on] = [results[memory] for memory in memories.split(",")]
+    return columns[False][0], columns[False][1], columns[True][0]
 
 
 # --------------------------------------------------------------------------- presentation
 
-def _cell(result):
+def _number(value):
+    return "nan" if value != value else "%.3f" % value if abs(value) >= 1e-3 or value == 0 else "%.1e" % value
+
+
+def _loss_cell(result, crashes):
     if result["error"] is not None:
-        return ("crash: " + result["error"])[:30]
-    loss, difference = result["loss"], result["max_logit_difference"]
-    return "loss %7.3f  Δlogit %8s" % (loss, "%.3g" % difference if difference == difference else "nan")
+        return "crash%d" % crashes.setdefault(result["error"], len(crashes) + 1)
+    return _number(result["loss"])
 
 
-def format_table(without, with_fix, trained_loss):
-    """One row per flow: the correct result (the trained model itself: its loss, logits identical),
-    then what the flow gave without and with bufferfix."""
-    width = max(len(name) for name in without) + 2
-    correct = _cell({"error": None, "loss": trained_loss, "max_logit_difference": 0.0})
-    lines = ["%-*s | %-30s | %-30s | %s" % (width, "flow", "correct (= the trained model)", "without bufferfix",
-                                            "with bufferfix"),
-             "-" * (width + 100)]
-    for name in without:
-        lines.append("%-*s | %-30s | %-30s | %s" % (width, name, correct, _cell(without[name]),
-                                                     _cell(with_fix[name])))
+def _difference_cell(result):
+    if result["error"] is not None:
+        return "-"
+    difference = result["max_logit_difference"]
+    return "0" if difference == 0 else _number(difference)
+
+
+def format_table(allocated, poisoned, with_fix):
+    """One row per flow: its loss without bufferfix (memory as allocated, then poisoned) and with
+    bufferfix, with its largest logit difference from the trained model.  At most 100 columns for
+    the demo's flows."""
+    crashes = {}  # error -> its number (the same error once)
+    width = max(len(name) for name in with_fix)
+    lines = ["%-*s  %17s  %16s" % (width, "", "without bufferfix", "with bufferfix"),
+             "%-*s  %8s %8s  %8s %7s" % (width, "flow", "garbage", "poisoned", "loss", "Δlogit")]
+    for name in with_fix:
+        lines.append("%-*s  %8s %8s  %8s %7s" % (width, name, _loss_cell(allocated[name], crashes),
+                                                  _loss_cell(poisoned[name], crashes),
+                                                  _loss_cell(with_fix[name], crashes), _difference_cell(with_fix[name])))
+    for error, number in crashes.items():
+        line = "crash%d: %s" % (number, error)
+        lines.append(line if len(line) <= 100 else line[:97] + "...")
     return "\n".join(lines)
 
 
 def reported_note():
     """What transformers issue 36577 saw, for comparison (a different model and data: not the reference)."""
-    return ("transformers issue 36577, on its own model and data, saw loss %.3f through from_pretrained (right) "
-            "and %s through %s (wrong, like this demo's 'without' column with --realistic-memory)."
-            % (REPORTED[FROM_PRETRAINED], " / ".join("%.3g" % REPORTED[n] for n in REPORTED if n != FROM_PRETRAINED),
-               " / ".join(n for n in REPORTED if n != FROM_PRETRAINED)))
+    return ("transformers issue 36577, on its own model and data, saw loss %.3f through from_pretrained\n"
+            "(right) and %s through init_empty_weights() / torch.device('meta') (wrong, like 'garbage')."
+            % (REPORTED[FROM_PRETRAINED], " / ".join("%.3g" % REPORTED[n] for n in REPORTED if n != FROM_PRETRAINED)))
 
 
 def wrong_with_bufferfix(with_fix):
@@ -207,7 +228,7 @@ def wrong_with_bufferfix(with_fix):
 
 
 def plot(path, without, with_fix, trained_loss):
-    """A bar chart of the loss per flow, without and with bufferfix (needs matplotlib)."""
+    """A bar chart of the loss per flow, without bufferfix (memory as allocated) and with it (needs matplotlib)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -218,7 +239,7 @@ def plot(path, without, with_fix, trained_loss):
               if r["loss"] is not None and math.isfinite(r["loss"])]
     ceiling = max(finite + [trained_loss, max(REPORTED.values())]) * 1.15
     figure, axes = pyplot.subplots(figsize=(10, 5.4))
-    for offset, (label, column, colour) in enumerate([("without bufferfix", without, "#d62728"),
+    for offset, (label, column, colour) in enumerate([("without bufferfix (memory as allocated)", without, "#d62728"),
                                                       ("with bufferfix", with_fix, "#2ca02c")]):
         for index, name in enumerate(names):
             result, x = column[name], index + (offset - 0.5) * 0.38
@@ -249,16 +270,15 @@ def plot(path, without, with_fix, trained_loss):
 # --------------------------------------------------------------------------- command line
 
 HELP = "reproduce transformers issue 36577 offline: train a tiny LM, reload it through every flow"
-DESCRIPTION = ("Reproduce transformers issue 36577 offline: train a tiny Qwen2 LM on an embedded text (CPU, about "
-               "a minute), save it, reload it through from_pretrained and each meta-device flow, without and with "
-               "bufferfix (each column in a fresh interpreter), and print the loss and the largest logit "
-               "difference from the trained model, which is the reference. Needs transformers and accelerate.")
-EPILOG = ("Memory: by default uninitialised memory is filled with NaN / max-int (torch's deterministic mode), so a "
-          "buffer bufferfix did not restore always shows as a nan loss (or a crash): the table is the same on every "
-          "run and a broken flow can never look right by luck. With --realistic-memory uninitialised memory is "
-          "whatever the allocator hands back, as in the report: broken flows give plausible but wrong losses (the "
-          "report's 3.57 / 4.54) that vary from run to run, and may occasionally even look right. Exit status: 0 "
-          "every flow is exact with bufferfix, 1 one is not, 2 a missing package.")
+DESCRIPTION = ("Reproduce transformers issue 36577 offline: train a tiny Qwen2 LM on an embedded text (CPU), save "
+               "it, reload it through from_pretrained and each meta-device flow, without and with bufferfix (in "
+               "fresh interpreters), and print each flow's loss and, with bufferfix, the largest logit difference "
+               "from the trained model, which is the reference. Needs transformers and accelerate.")
+EPILOG = ("Without bufferfix each flow runs twice: with uninitialised memory as the allocator hands it back, as in "
+          "the report (the 'garbage' column: plausible but wrong losses that vary from run to run, and may even "
+          "look right by luck), and with it poisoned, NaN / max-int (torch's deterministic mode), so that a lost "
+          "buffer always shows as a nan loss or a crash. With bufferfix memory is poisoned too: nothing can be "
+          "right by luck. Exit status: 0 every flow is exact with bufferfix, 1 one is not, 2 a missing package.")
 
 
 def add_arguments(parser):
@@ -266,20 +286,19 @@ def add_arguments(parser):
                         help="stop training at the first evaluation loss <= X (default: %(default)s, the report's)")
     parser.add_argument("--max-steps", type=int, default=1000, metavar="N",
                         help="stop training after N steps at the latest (default: %(default)s)")
-    parser.add_argument("--realistic-memory", action="store_true",
-                        help="leave uninitialised memory as the allocator gives it (default: poisoned, see below)")
     parser.add_argument("--plot", metavar="FILE.png", help="also save a bar chart of the losses (needs matplotlib)")
     parser.add_argument("--json", metavar="FILE",
                         help="also write every number as JSON to FILE ('-': stdout, and the rest goes to stderr)")
     parser.add_argument("--save", metavar="DIR", help="keep the trained model in DIR (default: a temporary directory)")
-    parser.add_argument("--evaluate", metavar="DIR", help=argparse.SUPPRESS)  # one column, in a child
+    parser.add_argument("--evaluate", metavar="DIR", help=argparse.SUPPRESS)  # in a child: reload DIR...
+    parser.add_argument("--memory", default=POISONED, help=argparse.SUPPRESS)  # ...with these kinds of memory
 
 
 def run(arguments):
     """The demo; returns the exit status (raises :class:`~bufferfix.tools.errors.UsageError`)."""
     require("transformers", "accelerate", "safetensors", what="the demo")
     if arguments.evaluate:
-        _evaluate_child(arguments.evaluate, arguments.realistic_memory)
+        _evaluate_child(arguments.evaluate, arguments.memory.split(","))
         return 0
     if arguments.plot:
         require("matplotlib", what="--plot", install="pip install matplotlib")
@@ -291,29 +310,28 @@ def run(arguments):
             % arguments.target_loss)
         trained_loss = train(directory, arguments.target_loss, arguments.max_steps, log)
         log("Trained to eval loss %.3f; saved with save_pretrained. Reloading it through each flow,\n"
-            "without and with bufferfix, each column in a fresh interpreter..." % trained_loss)
-        without, with_fix = run_columns(directory, arguments.realistic_memory)
-    table = format_table(without, with_fix, trained_loss)
+            "without and with bufferfix, in fresh interpreters..." % trained_loss)
+        allocated, poisoned, with_fix = run_columns(directory)
     wrong = wrong_with_bufferfix(with_fix)
-    memory = ("uninitialised memory as the allocator gives it (--realistic-memory): the 'without' numbers vary "
-              "from run to run" if arguments.realistic_memory else
-              "uninitialised memory poisoned (NaN / max-int) so that a lost buffer always shows; "
-              "--realistic-memory for the report's kind of garbage losses")
     verdict = ("With bufferfix every flow gives exactly the trained model's logits (Δlogit 0)." if not wrong
                else "Still wrong with bufferfix: %s" % ", ".join(wrong))
-    log("\n" + table + "\n\nΔlogit: largest |logit difference| from the trained model.\nFor comparison, "
-        + reported_note() + "\nMemory: %s.\n%s  (%.0fs)" % (memory, verdict, time.time() - started))
+    log("\nThe trained model's loss is %.3f: a correct reload gives exactly that, with its logits (Δlogit 0).\n"
+        % trained_loss + format_table(allocated, poisoned, with_fix)
+        + "\n\ngarbage: uninitialised memory as the allocator hands it back (varies from run to run);"
+          "\npoisoned: uninitialised memory filled with NaN / max-int, so that a lost buffer always shows."
+          "\nΔlogit: largest |logit difference| from the trained model.\n"
+        + reported_note() + "\n%s  (%.0fs)" % (verdict, time.time() - started))
     if arguments.json:
         document = {"trained_loss": trained_loss, "target_loss": arguments.target_loss,
-                    "realistic_memory": arguments.realistic_memory, "reported_in_issue_36577": REPORTED,
-                    "without_bufferfix": without, "with_bufferfix": with_fix, "wrong_with_bufferfix": wrong}
+                    "reported_in_issue_36577": REPORTED, "without_bufferfix_memory_as_allocated": allocated,
+                    "without_bufferfix": poisoned, "with_bufferfix": with_fix, "wrong_with_bufferfix": wrong}
         if arguments.json == "-":
             print(json.dumps(document))
         else:
             with open(arguments.json, "w") as handle:
                 json.dump(document, handle, indent=1)
     if arguments.plot:
-        plot(arguments.plot, without, with_fix, trained_loss)
+        plot(arguments.plot, allocated, with_fix, trained_loss)
         log("Plot saved to %s" % arguments.plot)
     return 1 if wrong else 0
 

@@ -19,7 +19,8 @@ gives one warning on stderr and the safe default.  The package reads it as
 =======================  =========================================================
 
 Booleans accept ``1/true/yes/on`` and ``0/false/no/off`` (any case, spaces
-ignored); empty means unset.
+ignored); empty means unset.  An invalid value (an unknown integration name too)
+gives one line on stderr when bufferfix starts, and is ignored.
 """
 import os
 import sys
@@ -64,10 +65,28 @@ def flag(name, default=False, environ=None, warn=True):
     return default
 
 
-def names(name, environ=None):
-    """A comma-separated list of names (``BUFFERFIX_DISABLED_INTEGRATIONS``), lower-cased; never raises."""
+def names(name, environ=None, known=None):
+    """A comma-separated list of names (``BUFFERFIX_DISABLED_INTEGRATIONS``), lower-cased; never raises.
+
+    With ``known`` (the names that mean something), unknown ones warn once per variable on stderr,
+    naming them and the known names, and are left out."""
     value = (os.environ if environ is None else environ).get(name) or ""
-    return frozenset(part.strip().lower() for part in value.split(",") if part.strip())
+    found = frozenset(part.strip().lower() for part in value.split(",") if part.strip())
+    if known is None or found <= known:
+        return found
+    unknown = sorted(found - known)
+    if name not in _already_complained:
+        _already_complained.add(name)
+        try:
+            import difflib
+
+            close = difflib.get_close_matches(unknown[0], sorted(known), n=1) if len(unknown) == 1 else []
+            sys.stderr.write("bufferfix: %s=%r: unknown name%s %s%s, ignored; the known names are %s\n" % (
+                name, value, "s" if len(unknown) > 1 else "", ", ".join(map(repr, unknown)),
+                " (did you mean %r?)" % close[0] if close else "", ", ".join(sorted(known))))
+        except Exception:  # noqa: BLE001  (no stderr at all: stay silent rather than fail)
+            pass
+    return found & known
 
 
 def log_level(environ=None):

@@ -1,13 +1,16 @@
-"""The doctor's report: the measurements of :mod:`.check` (with bufferfix here, without it in a
-fresh ``BUFFERFIX_DISABLE=1`` interpreter) put together as one JSON-able dict, and that dict as text.
+"""The doctor's report: :func:`bufferfix.tools.check.measure` with bufferfix here and without it in a
+fresh ``BUFFERFIX_DISABLE=1`` interpreter, and :func:`bufferfix.explain` on a meta build, put together as
+one JSON-able dict, and that dict as text.
 
 Every classification comes from :class:`bufferfix.Recovery` values and from bit-for-bit
 comparisons; the only words taken from bufferfix are :func:`bufferfix.reporting.describe`'s,
 shown as they are.
 """
 from .. import unpatched
-from . import check
-from .targets import resolve
+from ..check import FROM_PRETRAINED, NotAModule, measure
+from ..compare import non_persistent_buffers, unsaved_tensors
+from ..errors import one_line
+from .targets import TargetError, resolve, transformers_quietly
 
 UNTRACKED = "untracked"  # a reason of the doctor's own: bufferfix.explain does not list the tensor
 
@@ -20,6 +23,69 @@ def child_arguments(arguments):
     if arguments.trust_remote_code:
         command.append("--trust-remote-code")
     return command
+
+
+def measure_target(target, patched, built=lambda: None):
+    """:func:`~bufferfix.tools.check.measure` on a doctor target, as JSON: ``{"buffers": [names in the normal
+    build], "random": [names two normal builds with different seeds disagree on], "flows": {flow:
+    {"not_checked", "error", "broken", "warnings"}}}``.  :class:`TargetError` when the normal build fails."""
+    import torch
+
+    from bufferfix import reporting
+
+    if target.tiny:
+        torch.set_num_threads(1)  # faster for tiny tensors
+    if target.model_class is not None:
+        transformers_quietly()  # no progress bars or loading reports in the middle of ours
+    normal_build = []
+    try:
+        found = measure(target.build, patched=patched, model_class=target.model_class,
+                        pretrained_dir=target.pretrained_dir, find_random=True,
+                        built=lambda model: (normal_build.append(True), built()))
+    except NotAModule as error:
+        raise TargetError("%s: %s" % (target.text, error)) from None
+    except Exception as error:  # the normal build's, or ours (re-raised)
+        if normal_build:  # not the build: ours
+            raise
+        raise TargetError("%s: building it raised %s" % (target.text, one_line(error))) from None
+    flows = {}
+    for name, result in found.flows.items():
+        warnings = [{"name": recovery.name, "reason": recovery.reason.name.lower() if recovery.reason else None,
+                     "origin": recovery.origin, "description": reporting.describe(recovery)}
+                    for recovery in result.unrecoverable]
+        warnings += [{"name": None, "reason": None, "origin": None, "description": text}
+                     for text in result.other_warnings]
+        flows[name] = {"not_checked": result.not_checked, "error": result.error, "broken": result.differing,
+                       "warnings": warnings}
+    return {"buffers": found.tensors, "random": found.random, "flows": flows}
+
+
+def recoveries(target):
+    """``({name: (tensor, Recovery or None)}, None)`` for a build under ``torch.device("meta")`` (the
+    hardest case: nothing real ever existed), from :func:`bufferfix.explain`; ``None`` for a tensor
+    it does not list.  ``(None, error)`` when the model does not build on meta."""
+    import torch
+
+    import bufferfix
+    from bufferfix.recovery import Recovery, Source
+
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            torch.manual_seed(0)
+            model = target.build()
+    except Exception as error:  # noqa: BLE001 - user code
+        return None, one_line(error)
+    tensors = unsaved_tensors(model)
+    explained = {recovery.name: recovery for recovery in bufferfix.explain(model)}
+    by_tensor = {id(tensors[name]): recovery for name, recovery in explained.items() if name in tensors}
+    found = {}
+    for name, tensor in tensors.items():  # a shared tensor may be explained under another of its names
+        found[name] = explained.get(name) or by_tensor.get(id(tensor))
+        if found[name] is None and not tensor.is_meta:  # real even on meta: nothing to recover
+            owner = type(model.get_submodule(name.rpartition(".")[0])).__qualname__
+            kind = "buffer" if name in non_persistent_buffers(model) else "attribute"
+            found[name] = Recovery(name, owner, kind, Source.KEPT)
+    return {name: (tensors[name], recovery) for name, recovery in found.items()}, None
 
 
 def _entry(name, tensor, recovery):
@@ -37,24 +103,33 @@ def _entry(name, tensor, recovery):
 
 
 def _verdict(result, other, random):
+    """``(verdict, why not checked)``."""
+    if result["not_checked"]:
+        return "not checked", result["not_checked"]
     if result["error"] is not None:
-        return "not applicable" if other is not None and other["error"] is not None else "wrong"
+        if other is not None and other["error"] is not None:
+            return "not checked", "it raises with and without bufferfix: %s" % result["error"]
+        return "wrong", None
     if not result["broken"]:
-        return "ok"
+        return "ok", None
     if set(result["broken"]) <= random:
-        return "random buffers differ"  # no build reproduces another build's random values
-    return "wrong"
+        return "random buffers differ", None  # no build reproduces another build's random values
+    return "wrong", None
 
 
 def diagnose(arguments, progress=lambda text: None):
     """Everything the doctor finds, as one JSON-able dict."""
     target = resolve(arguments.target, arguments.model_class, arguments.trust_remote_code)
     children = []  # once the target builds: each flow without bufferfix, meanwhile, in a fresh interpreter
+
+    def built():
+        children.append(unpatched.Child("bufferfix.tools.doctor", child_arguments(arguments)))
+        progress("built %s; running it through each flow with bufferfix..." % target.description)
+
     try:
-        with_fix = check.check_flows(target, progress, lambda: children.append(
-            unpatched.Child("bufferfix.tools.doctor", child_arguments(arguments))))
+        with_fix = measure_target(target, True, built)
         progress("asking bufferfix how it would recover each buffer of a build on meta...")
-        explained, meta_error = check.recoveries(target)
+        explained, meta_error = recoveries(target)
     except BaseException:
         for child in children:
             child.kill()
@@ -73,23 +148,27 @@ def diagnose(arguments, progress=lambda text: None):
                    for name in with_fix["buffers"]]
     else:
         entries = [_entry(name, tensor, recovery) for name, (tensor, recovery) in explained.items()]
-    from_pretrained_without = (without or {}).get("flows", {}).get(check.FROM_PRETRAINED)
+    from_pretrained_without = (without or {}).get("flows", {}).get(FROM_PRETRAINED)
     for entry in entries:
         entry["random"] = entry["name"] in random  # two normal builds (different seeds) differ
         entry["transformers_init"] = None  # does from_pretrained give it back even without bufferfix?
-        if from_pretrained_without is not None and from_pretrained_without["error"] is None:
+        if (from_pretrained_without is not None and from_pretrained_without["error"] is None
+                and not from_pretrained_without["not_checked"]):
             entry["transformers_init"] = entry["name"] not in from_pretrained_without["broken"]
-    flows_report = {}
+    flows_report, not_checked = {}, {}
     for name, result in with_fix["flows"].items():
         other = (without or {}).get("flows", {}).get(name)
-        flows_report[name] = {"with_bufferfix": result, "without_bufferfix": other,
-                              "verdict": _verdict(result, other, random)}
+        verdict, why = _verdict(result, other, random)
+        flows_report[name] = {"with_bufferfix": result, "without_bufferfix": other, "verdict": verdict}
+        if why:
+            not_checked[name] = why
     unrecoverable = [entry["name"] for entry in entries if entry["recovery"] == "cannot"]
     wrong = [name for name, report in flows_report.items() if report["verdict"] == "wrong"]
     return {
         "target": arguments.target, "model": target.description, "buffers": entries,
-        "meta_build_error": meta_error, "flows": flows_report, "without_bufferfix_error": without_error,
-        "unrecoverable": unrecoverable, "wrong_with_bufferfix": wrong, "ok": not unrecoverable and not wrong,
+        "meta_build_error": meta_error, "flows": flows_report, "not_checked": not_checked,
+        "without_bufferfix_error": without_error, "unrecoverable": unrecoverable, "wrong_with_bufferfix": wrong,
+        "ok": not unrecoverable and not wrong,
     }
 
 
@@ -120,16 +199,19 @@ def recovery_cell(entry):
 def _flow_cell(result, total, enabled, random):
     if result is None:
         return "not run"
+    if result["not_checked"]:
+        return "not checked"
     if result["error"] is not None:
-        return ("error: " + result["error"])[:70]
+        return "raised (below)"
     if not total:
         return "ok (no buffers)"
     if not result["broken"]:
         return "ok: %d/%d identical" % (total, total) if enabled else "ok: %d/%d identical (unaffected)" % (total, total)
-    shown = ", ".join(result["broken"][:2]) + (", ..." if len(result["broken"]) > 2 else "")
+    shown = "" if len(result["broken"]) == total else " (%s%s)" % (", ".join(result["broken"][:2]),
+                                                                   ", ..." if len(result["broken"]) > 2 else "")
     if enabled and set(result["broken"]) <= random:
-        return "random: %d/%d differ (%s)" % (len(result["broken"]), total, shown)
-    return "%s: %d/%d differ (%s)" % ("WRONG" if enabled else "broken", len(result["broken"]), total, shown)
+        return "random: %d/%d differ%s" % (len(result["broken"]), total, shown)
+    return "%s: %d/%d differ%s" % ("WRONG" if enabled else "broken", len(result["broken"]), total, shown)
 
 
 def _buffer_table(entries):
@@ -146,8 +228,8 @@ def _buffer_table(entries):
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     lines = ["  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1] for row in rows]
     if transformers_column:
-        lines.append("  (transformers init: does from_pretrained get it right even without bufferfix? Measured: "
-                     "transformers 5 recomputes the buffers its models' _init_weights know)")
+        lines.append("  (transformers init: does from_pretrained get it right even without bufferfix? Measured;\n"
+                     "   transformers 5 recomputes the buffers its models' _init_weights know)")
     return lines
 
 
@@ -174,18 +256,28 @@ def format_report(report):
              for name, flow in report["flows"].items()}
     middle = max([len("with bufferfix")] + [len(cell[0]) for cell in cells.values()]) + 1
     lines.append("  %-*s %-*s %s" % (width, "flow", middle, "with bufferfix", "without bufferfix (BUFFERFIX_DISABLE=1)"))
+    notes = []
     for name, flow in report["flows"].items():
         lines.append("  %-*s %-*s %s" % (width, name, middle, cells[name][0], cells[name][1]))
         for warning in flow["with_bufferfix"]["warnings"]:
             lines.append("  %-*s   bufferfix warned: %s" % (width, "", warning["description"]))
+        for column, result in (("with bufferfix", flow["with_bufferfix"]), ("without", flow["without_bufferfix"])):
+            if result is not None and result["error"] is not None and name not in report["not_checked"]:
+                notes.append("  %s, %s: raised %s" % (name, column, result["error"]))
+    lines += notes
     if random:
         lines.append("  (random: %s: two normal builds with different seeds differ there; no flow can give back a "
                      "particular build's values unless its real tensor survives)" % ", ".join(sorted(random)))
     if report["without_bufferfix_error"]:
         lines.append("  (without bufferfix: %s)" % report["without_bufferfix_error"])
     lines.append("")
+    checked = len(report["flows"]) - len(report["not_checked"])
     if report["ok"]:
-        lines.append("OK: bufferfix recovers every non-persistent buffer in every flow." if entries else "OK.")
+        if not entries:
+            lines.append("OK: nothing to recover.")
+        else:
+            lines.append("OK: bufferfix recovers every non-persistent buffer in %s."
+                         % ("each of the %d flows checked" % checked if report["not_checked"] else "every flow"))
     else:
         if report["unrecoverable"]:
             lines.append("PROBLEM: bufferfix cannot recover %s; register a recompute function "
@@ -193,4 +285,6 @@ def format_report(report):
                          % ", ".join(report["unrecoverable"]))
         if report["wrong_with_bufferfix"]:
             lines.append("PROBLEM: wrong even with bufferfix: %s." % ", ".join(report["wrong_with_bufferfix"]))
+    for name, why in report["not_checked"].items():
+        lines.append("NOT CHECKED: %s: %s" % (name, why))
     return "\n".join(lines)

@@ -5,7 +5,8 @@ TARGET is one of
 * a local model directory written by ``save_pretrained`` (its ``config.json`` names the class);
 * a transformers model type (``llama``, ``bert``, ``gpt2``...) or model class name
   (``LlamaForCausalLM``): its default config, shrunk to a tiny size, is built;
-* ``module:callable`` (or ``path/to/file.py:callable``): ``callable()`` returns the ``nn.Module``.
+* ``module:callable`` (or ``path/to/file.py:callable``): ``callable()`` returns the ``nn.Module``;
+  the module is looked up as ``python -m`` does, the current directory first.
 """
 import copy
 import dataclasses
@@ -14,6 +15,7 @@ import importlib
 import importlib.util
 import json
 import os
+import sys
 import typing
 
 from ..errors import UsageError, one_line, require
@@ -45,7 +47,12 @@ def resolve(text, class_name=None, trust_remote_code=False):
     module, colon, attribute = text.rpartition(":")
     if colon and module and attribute and not os.path.exists(text):
         return _callable_target(text, module, attribute)
-    if os.sep in text or "/" in text or text.startswith((".", "~")) or text.endswith(".py"):
+    if text.endswith(".py") or os.path.isfile(text + ".py"):
+        if not os.path.isfile(text if text.endswith(".py") else text + ".py"):
+            raise TargetError("%s: no such file" % text)
+        raise TargetError("%s: a Python file: add the callable that builds the model, as %s:CALLABLE"
+                          % (text, text))
+    if os.sep in text or "/" in text or text.startswith((".", "~")):
         raise TargetError("%s: no such directory" % text)
     return _type_target(text, class_name)
 
@@ -71,6 +78,8 @@ def _callable_target(text, module_name, attribute):
         except Exception as error:  # noqa: BLE001 - user code
             raise TargetError("%s: running it raised %s" % (module_name, one_line(error))) from None
     else:
+        if "" not in sys.path and os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())  # as `python -m` does: a module in the current directory is found
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as error:
@@ -169,10 +178,21 @@ def _type_target(name, class_name):
                           "type (%s)" % (name, "did you mean %s?" % " / ".join(close) if close else EXAMPLES))
     if class_name:
         cls = _model_class(transformers, class_name, name)
+        own = getattr(cls.config_class, "model_type", None)
+        if own and own != model_type:
+            default = _default_class_name(name, model_type)
+            raise TargetError("%s: %s is a %s model, not a %s one (its config is %s); pass a %s class, e.g. --class %s"
+                              % (name, class_name, own, model_type, cls.config_class.__name__, model_type, default))
     if cls is None:
         cls = _model_class(transformers, _default_class_name(name, model_type), name)
     config, level = _small_config(model_type, cls)
-    return Target(name, "%s, %s config" % (cls.__name__, level), lambda: cls(copy.deepcopy(config)), cls, tiny=True)
+    return Target(name, "%s, %s" % (cls.__name__, _config_words(level)), lambda: cls(copy.deepcopy(config)), cls,
+                  tiny=True)
+
+
+def _config_words(level):
+    """``"tiny"`` -> ``"tiny config"``; ``"default config"`` stays as it is."""
+    return level if level.endswith("config") else level + " config"
 
 
 def _default_class_name(name, model_type):
@@ -201,18 +221,19 @@ def _small_config(model_type, cls):
 
     from .. import tiny_configs
 
-    problems = []
+    problems = {}  # what went wrong -> the levels it went wrong at (the same error is given once)
     for level, what in tiny_configs.LEVELS:
         try:
             config = tiny_configs.tiny_config(model_type, what)
             with torch.device("meta"):  # size it without touching memory
                 parameters = sum(p.numel() for p in cls(copy.deepcopy(config)).parameters())
         except Exception as error:  # noqa: BLE001 - the next level may build
-            problems.append("%s config: %s" % (level, one_line(error)))
+            problems.setdefault(one_line(error), []).append(_config_words(level))
             continue
         if parameters <= MAX_PARAMETERS:
             return config, level
-        problems.append("%s config: %.0fM parameters" % (level, parameters / 1e6))
+        problems.setdefault("%.0fM parameters" % (parameters / 1e6), []).append(_config_words(level))
         break
-    raise TargetError("%s: could not build a small %s (%s); pass module:callable instead"
-                      % (model_type, cls.__name__, "; ".join(problems)))
+    raise TargetError("%s: could not build a small %s (%s); pass module:callable instead" % (
+        model_type, cls.__name__, "; ".join("%s: %s" % (" / ".join(levels), problem)
+                                            for problem, levels in problems.items())))

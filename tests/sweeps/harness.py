@@ -19,12 +19,13 @@ import traceback
 import warnings
 from collections.abc import Callable
 
-import sweep
 import torch
 
 import bufferfix
 from bufferfix.flows import FLOWS, uninitialised_memory_is_poisoned
 from bufferfix.tools.compare import identical, non_persistent_buffers, qualified, sharing, tensor_attributes
+
+from . import transformers as sweep
 
 ASSIGN = "load_state_dict(assign=True)"
 

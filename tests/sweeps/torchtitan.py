@@ -13,8 +13,9 @@ import dataclasses
 import importlib
 import sys
 
-import libsweep
 import torch
+
+from . import harness as libsweep
 
 FAMILIES = ["llama3", "qwen3", "qwen3_5", "deepseek_v3", "gpt_oss", "kimi_k2_7", "muse_glimmer", "flux"]
 MAX_SEQ_LEN = 64

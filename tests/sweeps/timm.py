@@ -37,12 +37,6 @@ import warnings
 
 import torch
 
-if __package__ in (None, ""):  # run as a script: make `compare` importable like pytest does
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from libsweep import _names_differing, bufferfix_enabled
-from sweep import _TimeLimit, time_limit
-
 import bufferfix
 from bufferfix.flows import FLOWS, uninitialised_memory_is_poisoned
 from bufferfix.tools.compare import identical, non_persistent_buffers, sharing, tensor_attributes
@@ -52,6 +46,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: pretrained=Fals
 import timm
 import timm.data
 from timm.models import _registry
+
+from .harness import _names_differing, bufferfix_enabled
+from .transformers import _TimeLimit, time_limit
 
 try:  # timm's own manual fix (recent timm); create_model does not call it
     from timm.models._manipulate import reinit_non_persistent_buffers

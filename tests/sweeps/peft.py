@@ -18,8 +18,9 @@ import os
 import sys
 import tempfile
 
-import libsweep
 import torch
+
+from . import harness as libsweep
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

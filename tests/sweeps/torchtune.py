@@ -15,8 +15,9 @@ import inspect
 import pkgutil
 import sys
 
-import libsweep
 import torch
+
+from . import harness as libsweep
 
 TINY = dict(vocab_size=128, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64, head_dim=16,
             intermediate_dim=128, max_seq_len=64, lora_rank=4, lora_alpha=8.0, num_classes=3, mlp_dim=128,

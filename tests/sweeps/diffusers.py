@@ -17,8 +17,9 @@ import re
 import sys
 import tempfile
 
-import libsweep
 import torch
+
+from . import harness as libsweep
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

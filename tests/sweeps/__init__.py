@@ -1,0 +1,1 @@
+"""The model-library sweeps: every model of a library, built normally and through every meta flow."""
