@@ -48,6 +48,7 @@ def test_each_reason_is_given_once_per_tensor_and_persistent_true_offered_for_yo
     model = meta_build(Holder)  # Holder's replay draws random.projection from the RNG too: the same reason
     with pytest.warns(bufferfix.UnrecoverableBufferWarning) as caught:
         model.to_empty(device="cpu")
+        loading_ends()
     message = str(caught[0].message)
     [recovery] = caught[0].message.recoveries
     assert [attempt.reason for attempt in recovery.attempts] == [bufferfix.Reason.RANDOM] * 2  # both tried...
