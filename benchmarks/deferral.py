@@ -12,13 +12,11 @@ own models.  bufferfix can fill the buffers that only a constructor replay can g
 * right after the move, every one of them, which ``_init_weights`` then overwrites again
   (``immediate``: ``INTEGRATION.deferring = False`` on the transformers integration).
 
-A third bufferfix variant, ``deferred+hf-init``, is the deferral with transformers' own init
-functions (``transformers.initialization.constant_`` & co.) counted as overwriting too: while
-``_init_weights`` runs, transformers puts them in place of ``torch.nn.init``'s, so the deferral's
-torch function mode sees them instead of the torch functions it knows, takes the call for a read
-and replays to fill the buffer first.
+The deferral counts transformers' own init functions (``transformers.initialization.constant_``
+& co.) as overwriting: while ``_init_weights`` runs, transformers puts them in place of
+``torch.nn.init``'s, so the deferral's torch function mode sees them, not torch's.
 
-Each checkpoint (written with ``save_pretrained`` into a temporary folder) is loaded in five
+Each checkpoint (written with ``save_pretrained`` into a temporary folder) is loaded in four
 variants, interleaved one call at a time in one process, the order rotated every round: those
 three, ``unpatched`` and ``unpatched-A/A`` (both inside ``bufferfix.disabled()``: their ratio is
 what this machine's noise alone does to a ratio).  Times are medians of wall time
@@ -73,7 +71,7 @@ from bufferfix.flows import uninitialised_memory_is_poisoned
 from bufferfix.integrations import transformers as bufferfix_transformers
 from bufferfix.mechanism import deferral, recipes
 
-VARIANTS = ("unpatched", "deferred", "immediate", "deferred+hf-init", "unpatched-A/A")
+VARIANTS = ("unpatched", "deferred", "immediate", "unpatched-A/A")
 
 # --------------------------------------------------------------------------- models
 
@@ -315,23 +313,10 @@ def variant(name):
     integration = bufferfix_transformers.INTEGRATION
     assert integration.active and integration.deferring, "bufferfix's transformers integration is not deferring"
     integration.deferring = name != "immediate"
-    overwriting = deferral._OVERWRITING
-    if name == "deferred+hf-init":
-        deferral._OVERWRITING = overwriting | _guarded_init_functions()
     try:
         yield
     finally:
         integration.deferring = True
-        deferral._OVERWRITING = overwriting
-
-
-def _guarded_init_functions():
-    """transformers' own init functions.  While ``_init_weights`` runs, transformers puts them in
-    place of ``torch.nn.init``'s, so a torch function mode sees them, not torch's."""
-    from transformers import initialization
-
-    names = ("normal_", "uniform_", "trunc_normal_", "zeros_", "ones_", "constant_", "copy_")
-    return frozenset(getattr(initialization, name) for name in names if hasattr(initialization, name))
 
 
 def call(family, path, name, counters, poisoned=False):

@@ -16,6 +16,7 @@ class Source(enum.Enum):
     RECOMPUTE_FUNCTION = "recompute function"  # bufferfix.register_recompute
     REPLAY = "replay"  # the constructor of the module (or of an ancestor) re-run on CPU
     LIBRARY = "library"  # left to the library's own initialisation (transformers' _init_weights)
+    DERIVED = "derived"  # recomputed from the parameters once they hold values (legacy weight_norm)
 
 
 class Reason(enum.Enum):
@@ -29,6 +30,7 @@ class Reason(enum.Enum):
     ON_META = "replay puts it on meta"
     RANDOM = "random"  # drawn from the random number generator: a normal build's value is unknowable
     MODIFIED_IN_PLACE = "modified after construction"
+    REPLACED = "replaced after construction"  # set on meta by code outside any constructor: no replay has it
     SHAPE_MISMATCH = "shape mismatch"
     RECOMPUTE_RAISED = "recompute function raised"
     FROM_PRETRAINED_WEIGHT = "computed from a pretrained weight"  # an integration's verdict: no replay has it

@@ -16,6 +16,7 @@ _SOURCES = {
     Source.RECOMPUTE_FUNCTION: "registered recompute function for {origin}",
     Source.REPLAY: "replay of {origin}(...)",
     Source.LIBRARY: "left to the library's own initialisation",
+    Source.DERIVED: "recomputed from the parameters once they held values",
 }
 
 _REASONS = {
@@ -29,6 +30,8 @@ _REASONS = {
     Reason.RANDOM: "re-running {origin}(...) draws it from the random number generator, so the normal "
                    "build's values are unknowable",
     Reason.MODIFIED_IN_PLACE: "it was modified in place after {origin}(...) returned",
+    Reason.REPLACED: "{detail!r} was replaced on meta by code outside any constructor, so no replay has its "
+                     "value; set it after materialisation instead",
     Reason.SHAPE_MISMATCH: "recovered value and materialised buffer differ in shape ({detail})",
     Reason.RECOMPUTE_RAISED: "recompute function for {origin} raised {detail}",
     Reason.FROM_PRETRAINED_WEIGHT: "{origin} computes {detail!r} from its base layer's pretrained weight when "

@@ -31,3 +31,7 @@ def assert_matches_reference(model, reference):
     everything = lambda m: {**{"buffer " + k: v for k, v in m.named_buffers(remove_duplicate=False)},  # noqa: E731
                             **{"attribute " + k: v for k, v in tensor_attributes(m).items()}}
     assert sharing(everything(model)) == sharing(everything(reference))
+
+# What a model's first forward (or a library's end of loading) does: bufferfix gives its verdicts on
+# the values it could not recover, in an UnrecoverableBufferWarning attributed to the caller's line.
+from bufferfix.integrations.base import loading_ended as loading_ends  # noqa: E402,F401

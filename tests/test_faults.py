@@ -13,7 +13,7 @@ import warnings
 
 import pytest
 import torch
-from compare import assert_matches_reference, broken_buffers
+from compare import assert_matches_reference, broken_buffers, loading_ends
 from models import Layer, Rotary, Sinusoidal, Zoo
 from torch import nn
 from torch.overrides import TorchFunctionMode
@@ -212,6 +212,7 @@ def test_a_replay_that_raises_is_loud_and_a_retry_replays_again():
     try:
         with pytest.warns(bufferfix.UnrecoverableBufferWarning) as caught:
             model.to_empty(device="cpu")
+            loading_ends()
     finally:
         FlakyConstructor.failing = False
     [recovery] = [r for w in caught for r in w.message.recoveries]
@@ -232,6 +233,7 @@ def test_an_unrecoverable_buffer_is_named_again_on_every_retry():
     for _ in range(3):  # never "kept" as if it were a real value
         with pytest.warns(bufferfix.UnrecoverableBufferWarning, match="noise"):
             model.to_empty(device="cpu")
+            loading_ends()
     model.noise.copy_(torch.ones(3))  # the user writes it: from now on it is a value
     quiet(lambda: model.to_empty(device="cpu"))
     assert torch.equal(model.noise, torch.ones(3))
@@ -266,6 +268,7 @@ def test_a_recompute_function_that_raises_with_no_replay_is_loud():
             model = Rope(8)
         with pytest.warns(bufferfix.UnrecoverableBufferWarning, match="broken recompute"):
             model.to_empty(device="cpu")
+            loading_ends()
     finally:
         from bufferfix.mechanism import recompute
 
@@ -518,6 +521,8 @@ def test_a_meta_model_saved_and_loaded_in_a_fresh_interpreter_is_loud(tmp_path):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             model.to_empty(device="cpu")
+            from compare import loading_ends
+            loading_ends()
         named = {r.name for w in caught if hasattr(w.message, "recoveries") for r in w.message.recoveries}
         from compare import non_persistent_buffers
         tensors = non_persistent_buffers(model)

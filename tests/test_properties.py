@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from compare import assert_matches_reference
+from compare import assert_matches_reference, loading_ends
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -97,3 +97,4 @@ def test_changed_after_construction_on_meta_is_reported_not_guessed(spec):
     model.get_submodule(path)._buffers[name].add_(1)
     with pytest.warns(bufferfix.UnrecoverableBufferWarning, match="modified in place"):
         model.to_empty(device="cpu")
+        loading_ends()

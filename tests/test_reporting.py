@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import torch
-from compare import assert_matches_reference, identical
+from compare import assert_matches_reference, identical, loading_ends
 from models import Layer, Rotary, Zoo
 from torch import nn
 
@@ -36,6 +36,7 @@ def test_random_buffer_is_reported_by_path_and_name():
     model = meta_build(Holder)
     with pytest.warns(bufferfix.UnrecoverableBufferWarning) as caught:
         model.to_empty(device="cpu")
+        loading_ends()
     message = str(caught[0].message)
     assert "random.projection" in message and "RandomProjection" in message and "random number generator" in message
     assert "steps" not in message  # deterministic buffers of the same module are recovered
@@ -47,6 +48,7 @@ def test_each_reason_is_given_once_per_tensor_and_persistent_true_offered_for_yo
     model = meta_build(Holder)  # Holder's replay draws random.projection from the RNG too: the same reason
     with pytest.warns(bufferfix.UnrecoverableBufferWarning) as caught:
         model.to_empty(device="cpu")
+        loading_ends()
     message = str(caught[0].message)
     [recovery] = caught[0].message.recoveries
     assert [attempt.reason for attempt in recovery.attempts] == [bufferfix.Reason.RANDOM] * 2  # both tried...
@@ -75,6 +77,7 @@ def test_a_declared_verdict_names_only_the_declared_buffers():
         model = meta_build(Holder)
         with pytest.warns(bufferfix.UnrecoverableBufferWarning) as caught:
             model.to_empty(device="cpu")
+            loading_ends()
     finally:
         recompute.undeclare_unrecoverable(RandomProjection)
     reasons = {recovery.name: recovery.reason for w in caught for recovery in w.message.recoveries}
@@ -88,6 +91,7 @@ def test_strict_mode_raises(strict):
     model = meta_build(Holder)
     with pytest.raises(bufferfix.UnrecoverableBufferError, match="random.projection"):
         model.to_empty(device="cpu")
+        loading_ends()
 
 
 def test_in_place_change_after_construction_on_meta_is_reported():
@@ -95,6 +99,7 @@ def test_in_place_change_after_construction_on_meta_is_reported():
     model.rotary.inv_freq.mul_(2)  # on meta: the new values never existed
     with pytest.warns(bufferfix.UnrecoverableBufferWarning, match="rotary.inv_freq.*modified in place"):
         model.to_empty(device="cpu")
+        loading_ends()
 
 
 def test_explicit_meta_device_argument_is_reported():
@@ -107,6 +112,7 @@ def test_explicit_meta_device_argument_is_reported():
         model = ExplicitMeta("meta")
     with pytest.warns(bufferfix.UnrecoverableBufferWarning, match="table.*on meta explicitly"):
         model.to_empty(device="cpu")
+        loading_ends()
 
 
 def test_constructor_failing_on_replay_is_reported():
@@ -123,6 +129,7 @@ def test_constructor_failing_on_replay_is_reported():
     model = meta_build(OnlyOnce)
     with pytest.warns(bufferfix.UnrecoverableBufferWarning, match="raised RuntimeError: already built"):
         model.to_empty(device="cpu")
+        loading_ends()
 
 
 def test_registered_recompute_function_wins():
@@ -150,6 +157,7 @@ def test_never_replay_is_reported():
     model = meta_build(SideEffects)
     with pytest.warns(bufferfix.UnrecoverableBufferWarning, match="never_replay"):
         model.to_empty(device="cpu")
+        loading_ends()
 
 
 def test_replay_leaves_global_state_alone():
@@ -158,6 +166,7 @@ def test_replay_leaves_global_state_alone():
     rng, dtype, device = torch.get_rng_state(), torch.get_default_dtype(), torch.get_default_device()
     with pytest.warns(bufferfix.UnrecoverableBufferWarning):
         model.to_empty(device="cpu")
+        loading_ends()
     assert torch.equal(torch.get_rng_state(), rng)
     assert torch.get_default_dtype() == dtype and torch.get_default_device() == device
 
@@ -246,3 +255,4 @@ def test_unrecoverable_buffer_is_named_by_full_path_in_per_module_materialisatio
     with pytest.warns(bufferfix.UnrecoverableBufferWarning, match=r"- 1\.random\.projection \(RandomProjection\)"):
         for module in model.modules():
             module.to_empty(device="cpu", recurse=False)
+        loading_ends()

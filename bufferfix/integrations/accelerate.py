@@ -10,41 +10,28 @@ accelerate then moves them like any other buffer.
 binding that still holds accelerate's original is wrapped, and only those are unwrapped.
 """
 import logging
-import sys
 
 from ..mechanism.restore import materialise_meta_buffers
-from .base import Integration, contained, report
+from .base import Integration, Wrap, await_loading_end, contained, report
 
 logger = logging.getLogger("bufferfix")
-
-_FUNCTIONS = {  # function -> the modules that define or re-export it
-    "dispatch_model": ("accelerate.big_modeling", "accelerate"),
-    "load_checkpoint_in_model": ("accelerate.utils.modeling", "accelerate.utils", "accelerate.big_modeling",
-                                 "accelerate"),
-}
-
 
 def _materialise_meta_buffers_first(wrapped, instance, args, kwargs):
     model = args[0] if args else kwargs.get("model")
     if INTEGRATION.active and model is not None:
-        contained(lambda: report(*materialise_meta_buffers(model)), "materialising meta buffers for accelerate")
+        contained(lambda: (report(materialise_meta_buffers(model), ()), await_loading_end()),
+                  "materialising meta buffers for accelerate")
     return wrapped(*args, **kwargs)
 
 
 class Accelerate(Integration):
     name = "accelerate"
     target = "accelerate"
-
-    def _instrument(self, _accelerate):
-        for name, module_names in _FUNCTIONS.items():
-            defining = sys.modules.get(module_names[0])
-            if defining is None or not self.require(defining, name):
-                continue
-            original = getattr(defining, name)
-            for module_name in module_names:
-                module = sys.modules.get(module_name)
-                if module is not None and getattr(module, name, None) is original:
-                    self.wrap(module, name, _materialise_meta_buffers_first)
+    declarations = (
+        Wrap("accelerate.big_modeling", "dispatch_model", _materialise_meta_buffers_first, also_in=("accelerate",)),
+        Wrap("accelerate.utils.modeling", "load_checkpoint_in_model", _materialise_meta_buffers_first,
+             also_in=("accelerate.utils", "accelerate.big_modeling", "accelerate")),
+    )
 
 
 INTEGRATION = Accelerate()

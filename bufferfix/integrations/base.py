@@ -1,12 +1,22 @@
 """The contract every integration follows, and the guards they share.
 
 In the spirit of OpenTelemetry's ``BaseInstrumentor``: one :class:`Integration` subclass per
-library module, with a ``name`` (what ``BUFFERFIX_DISABLED_INTEGRATIONS`` lists), the
-``target`` module whose import triggers it, ``_instrument(module)`` / ``_uninstrument()``;
-:meth:`Integration.instrument` and :meth:`Integration.uninstrument` are idempotent, every
-wrap is recorded by handle and taken off by one guarded unwrap, and a missing entry point
-is logged and skipped (:meth:`Integration.require`).  A wrapper left in place because
-something else wrapped on top of it passes straight through while ``active`` is false.
+library, with a ``name`` (what ``BUFFERFIX_DISABLED_INTEGRATIONS`` lists), the ``target`` module
+whose import triggers it, and what it does to the library as data, in ``declarations``:
+
+* :class:`Wrap`: wrap a function or method with a wrapt function wrapper;
+* :class:`Recompute`: register a recompute function for a class (``bufferfix.register_recompute``);
+* :class:`Unrecoverable`: declare that some tensors of a class cannot be recovered, and why;
+* :class:`Overwriting`: functions of the library that overwrite a tensor whole (its own
+  initialisation's ``constant_`` & co.);
+* :class:`ExpectBuffers`: classes whose constructor registers, off meta only, buffers the meta
+  build lacks.
+
+:meth:`Integration.instrument` applies them (an entry point this version of the library lacks is
+logged and skipped), then runs ``_instrument(module)`` for whatever is not data (the torch
+integration's constructor hook); :meth:`Integration.uninstrument` undoes all of it.  Both are
+idempotent.  A wrapper left in place because something else wrapped on top of it passes straight
+through while ``active`` is false.
 
 Two guards keep a user's call the user's own:
 
@@ -16,24 +26,85 @@ Two guards keep a user's call the user's own:
   after, and when the call raises, restore what it had materialised and let the user's
   exception go on unchanged (same object, same traceback).
 """
+import atexit
+import dataclasses
+import importlib
 import logging
+from collections.abc import Callable
+from typing import Any
 
+import torch
 import wrapt
 
 from .. import errors, reporting
+from ..mechanism import deferral, recompute, restore
 from ..mechanism.restore import Materialisation
+from ..recovery import Reason
 
 logger = logging.getLogger("bufferfix")
+
+
+@dataclasses.dataclass(frozen=True)
+class Wrap:
+    """Wrap ``where``'s ``dotted`` (``"Class.method"`` or ``"function"``) with ``wrapper``.
+    ``also_in``: modules that re-export the function: each binding there that still holds the
+    original is wrapped too."""
+
+    where: str
+    dotted: str
+    wrapper: Callable[..., Any]
+    also_in: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Recompute:
+    """``bufferfix.register_recompute(where.dotted, function)``, unless the user registered one."""
+
+    where: str
+    dotted: str
+    function: Callable[[Any], Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Unrecoverable:
+    """The tensors under ``attributes`` of ``where.dotted`` modules cannot be recovered, for ``reason``."""
+
+    where: str
+    dotted: str
+    attributes: tuple[str, ...]
+    reason: Reason
+
+
+@dataclasses.dataclass(frozen=True)
+class Overwriting:
+    """``where``'s functions ``names`` overwrite their first argument whole without reading it: a
+    buffer a library's own initialisation writes with them is left to it (see ``deferral``)."""
+
+    where: str
+    names: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpectBuffers:
+    """Modules whose class ``predicate`` accepts may lack, on meta, buffers their constructor
+    registers elsewhere (see ``recompute.expect_buffers``)."""
+
+    predicate: Callable[[type], bool]
+
+
+Declaration = Wrap | Recompute | Unrecoverable | Overwriting | ExpectBuffers
 
 
 class Integration:
     name = ""  # as listed in BUFFERFIX_DISABLED_INTEGRATIONS
     target = ""  # the module whose import triggers instrument()
     patches = ""  # what it patches, for logs (default: the target)
+    declarations: tuple[Declaration, ...] = ()
 
     def __init__(self):
         self.active = False
         self._wraps = []  # (owner, attribute, wrapt handle)
+        self._undo = []  # callables undoing what a declaration did besides wrapping
 
     def instrument(self, module):
         """Patch ``module`` (the imported target).  Idempotent; a partial failure is undone."""
@@ -41,6 +112,8 @@ class Integration:
             return
         self.active = True
         try:
+            for declaration in self.declarations:
+                self._apply(declaration)
             self._instrument(module)
         except BaseException:
             self.uninstrument()
@@ -54,14 +127,61 @@ class Integration:
         try:
             self._uninstrument()
         finally:
+            while self._undo:
+                self._undo.pop()()
             self._unwrap_all()
         logger.debug("bufferfix: %s uninstrumented", self.patches or self.target)
 
     def _instrument(self, module):
-        raise NotImplementedError
+        """What is not declared as data (nothing, for most integrations)."""
 
     def _uninstrument(self):
         """Undo what ``_instrument`` did besides :meth:`wrap` (those are undone for it)."""
+
+    # ------------------------------------------------------------------ declarations
+    def _apply(self, declaration):
+        if isinstance(declaration, ExpectBuffers):
+            recompute.expect_buffers(declaration.predicate)
+            self._undo.append(lambda: recompute.forget_expectation(declaration.predicate))
+            return
+        owner = self._module(declaration.where)
+        if owner is not None and isinstance(declaration, Overwriting):
+            functions = {getattr(owner, name) for name in declaration.names if self.require(owner, name)}
+            functions -= deferral.overwriting  # only what this declaration adds is taken back
+            deferral.overwriting.update(functions)
+            self._undo.append(lambda: deferral.overwriting.difference_update(functions))
+            return
+        if owner is None or not self.require(owner, declaration.dotted):
+            return
+        if isinstance(declaration, Wrap):
+            self._apply_wrap(owner, declaration)
+            return
+        cls = _resolve(owner, declaration.dotted)
+        if isinstance(declaration, Recompute):
+            if recompute.registered_recompute(cls) is None:  # the user's own comes first
+                recompute.register_recompute(cls, declaration.function)
+                self._undo.append(lambda: recompute.registered_recompute(cls) is declaration.function
+                                  and recompute.unregister_recompute(cls))
+        else:
+            recompute.declare_unrecoverable(cls, declaration.attributes, declaration.reason)
+            self._undo.append(lambda: recompute.undeclare_unrecoverable(cls))
+
+    def _apply_wrap(self, owner, declaration):
+        holder_path, _, attribute = declaration.dotted.rpartition(".")
+        holder = _resolve(owner, holder_path) if holder_path else owner
+        original = getattr(holder, attribute)
+        self.wrap(holder, attribute, declaration.wrapper)
+        for name in declaration.also_in:  # `from library import function` bound it there too
+            other = self._module(name)
+            if other is not None and getattr(other, attribute, None) is original:
+                self.wrap(other, attribute, declaration.wrapper)
+
+    def _module(self, name):
+        try:
+            return importlib.import_module(name)  # a module of the library, whose target is imported
+        except ImportError:
+            logger.info("bufferfix: %s has no module %s; not patched", self.name, name)
+            return None
 
     # ------------------------------------------------------------------ helpers
     def wrap(self, owner, attribute, wrapper):
@@ -88,6 +208,12 @@ class Integration:
                             getattr(owner, "__name__", owner), dotted, _version_of(owner))
                 return False
         return True
+
+
+def _resolve(owner, dotted):
+    for part in dotted.split("."):
+        owner = getattr(owner, part)
+    return owner
 
 
 def _version_of(module):
@@ -144,8 +270,9 @@ class Restoring:
         return False
 
     def _restore(self):
-        deferred, failures = self.plan.restore(self.device, defer_replays=self.defer_replays)
-        report(self.plan, failures)
+        deferred, _ = self.plan.restore(self.device, defer_replays=self.defer_replays)
+        report(self.plan, ())
+        await_loading_end()
         return deferred
 
 
@@ -154,4 +281,42 @@ def report(plan, failures):
     for recovery in plan.recovered:
         logger.debug("bufferfix: %s", reporting.describe(recovery))
     plan.recovered.clear()
-    reporting.report_unrecoverable(failures)
+    if failures:
+        reporting.report_unrecoverable(failures)
+
+
+# --------------------------------------------------------------------------- when loading ends
+
+_forward_hook = None
+_exit_hook_registered = False
+
+
+def await_loading_end():
+    """Values a materialisation could not recover wait for their verdict until loading ends: the
+    end of a ``load_state_dict`` or of a library's own loading (transformers' ``from_pretrained``),
+    or the first forward of any module (a forward pre-hook that takes itself off: nothing stays on
+    the forward path), whichever comes first, and at the latest when the process exits.  Code that
+    rewrites such a tensor before then (the model's own ``reset_parameters()`` or torchtune's
+    ``rope_init()`` after ``to_empty``) leaves nothing to report."""
+    global _forward_hook, _exit_hook_registered
+    if not restore.unsettled():
+        return
+    if _forward_hook is None:
+        _forward_hook = torch.nn.modules.module.register_module_forward_pre_hook(_first_forward)
+    if not _exit_hook_registered:
+        atexit.register(lambda: contained(loading_ended, "giving the verdicts left at exit"))
+        _exit_hook_registered = True
+
+
+def _first_forward(module, args):
+    loading_ended()
+
+
+def loading_ended():
+    """Give the verdicts held since materialisation: named loudly, unless rewritten since."""
+    global _forward_hook
+    if _forward_hook is not None:
+        _forward_hook.remove()
+        _forward_hook = None
+    if restore.unsettled():
+        reporting.report_unrecoverable(restore.settle())

@@ -28,9 +28,9 @@ import weakref
 
 import torch
 
-from ..mechanism import recompute, snapshots
+from ..mechanism import snapshots
 from ..recovery import Reason
-from .base import Integration, contained
+from .base import Integration, Recompute, Unrecoverable, Wrap, contained
 
 logger = logging.getLogger("bufferfix")
 
@@ -173,62 +173,20 @@ def _seeded_indices(indices, seeds, counts):
 class Peft(Integration):
     name = "peft"
     target = "peft"
-    patches = ("peft (BaseTuner.inject_adapter, UniLoraLayer.update_scaling, "
-               "UniLoraLayer._move_adapter_to_device_of_base_layer; recompute functions for BufferDict, PeftModel, "
-               "FourierFTLayer, WaveFTLayer)")
 
-    def __init__(self):
-        super().__init__()
-        self._registered = []  # (class, function)
-        self._declared = []  # classes declared unrecoverable
-
-    def _instrument(self, module):
-        import importlib
-
-        for where, dotted, function in (
-                ("peft.tuners._buffer_dict", "BufferDict", _recompute_projections),
-                ("peft.peft_model", "PeftModel", _recompute_prompt_tokens),
-                ("peft.tuners.fourierft.layer", "FourierFTLayer",
-                 _seeded_indices("indices", "fourierft_random_loc_seed", "fourierft_n_frequency")),
-                ("peft.tuners.waveft.layer", "WaveFTLayer",
-                 _seeded_indices("waveft_indices", "waveft_random_loc_seed", "waveft_n_frequency"))):
-            try:
-                owner = importlib.import_module(where)
-            except ImportError:
-                logger.info("bufferfix: peft has no %s (version %s); not patched", where, module.__version__)
-                continue
-            if self.require(owner, dotted) and recompute.registered_recompute(getattr(owner, dotted)) is None:
-                cls = getattr(owner, dotted)
-                recompute.register_recompute(cls, function)
-                self._registered.append((cls, function))
-        for where, dotted, attributes in FROM_PRETRAINED_WEIGHT:
-            try:
-                owner = importlib.import_module(where)
-            except ImportError:
-                logger.info("bufferfix: peft has no %s (version %s); not patched", where, module.__version__)
-                continue
-            if self.require(owner, dotted):
-                recompute.declare_unrecoverable(getattr(owner, dotted), attributes, Reason.FROM_PRETRAINED_WEIGHT)
-                self._declared.append(getattr(owner, dotted))
-        tuners = importlib.import_module("peft.tuners.tuners_utils")
-        if self.require(tuners, "BaseTuner.inject_adapter"):
-            self.wrap(tuners.BaseTuner, "inject_adapter", _inject_adapter)
-        try:
-            unilora = importlib.import_module("peft.tuners.unilora.layer")
-        except ImportError:
-            unilora = None
-        for method, wrapper in (("update_scaling", _update_scaling),
-                                ("_move_adapter_to_device_of_base_layer", _move_adapter)):
-            if unilora is not None and self.require(unilora, "UniLoraLayer." + method):
-                self.wrap(unilora.UniLoraLayer, method, wrapper)
-
-    def _uninstrument(self):
-        while self._registered:
-            cls, function = self._registered.pop()
-            if recompute.registered_recompute(cls) is function:
-                recompute.unregister_recompute(cls)
-        while self._declared:
-            recompute.undeclare_unrecoverable(self._declared.pop())
+    declarations = (
+        Recompute("peft.tuners._buffer_dict", "BufferDict", _recompute_projections),
+        Recompute("peft.peft_model", "PeftModel", _recompute_prompt_tokens),
+        Recompute("peft.tuners.fourierft.layer", "FourierFTLayer",
+                  _seeded_indices("indices", "fourierft_random_loc_seed", "fourierft_n_frequency")),
+        Recompute("peft.tuners.waveft.layer", "WaveFTLayer",
+                  _seeded_indices("waveft_indices", "waveft_random_loc_seed", "waveft_n_frequency")),
+        *(Unrecoverable(where, dotted, attributes, Reason.FROM_PRETRAINED_WEIGHT)
+          for where, dotted, attributes in FROM_PRETRAINED_WEIGHT),
+        Wrap("peft.tuners.tuners_utils", "BaseTuner.inject_adapter", _inject_adapter),
+        Wrap("peft.tuners.unilora.layer", "UniLoraLayer.update_scaling", _update_scaling),
+        Wrap("peft.tuners.unilora.layer", "UniLoraLayer._move_adapter_to_device_of_base_layer", _move_adapter),
+    )
 
 
 INTEGRATION = Peft()

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..mechanism import compat, recipes, recording, restore, snapshots
 from ..mechanism.restore import materialise_meta_buffers
-from .base import Integration, Restoring, contained, report
+from .base import Integration, Restoring, Wrap, await_loading_end, contained, loading_ended, report
 
 logger = logging.getLogger("bufferfix")
 
@@ -53,27 +53,40 @@ def _to(wrapped, instance, args, kwargs):
 
 
 def _load_state_dict(wrapped, instance, args, kwargs):
-    """``load_state_dict(assign=True)`` on a meta model (what torch.distributed.checkpoint does when
-    it finds meta tensors) materialises parameters by assignment and never touches non-persistent
-    buffers: give those their values, on the device the loaded parameters landed on.  Also when
-    the load raised part of the way through: what it assigned keeps its place."""
-    if not (INTEGRATION.active and kwargs.get("assign", len(args) > 2 and args[2])) or getattr(_local, "busy", False):
+    """The end of a ``load_state_dict`` is the end of loading: the verdicts held since
+    materialisation are given (see base.await_loading_end), also when the load raised.
+
+    ``load_state_dict(assign=True)`` on a meta model (what torch.distributed.checkpoint does when it
+    finds meta tensors) materialises parameters by assignment and never touches non-persistent
+    buffers: those get their values first, on the device the loaded parameters landed on.  Also
+    when the load raised part of the way through: what it assigned keeps its place."""
+    if not INTEGRATION.active or getattr(_local, "busy", False):
         return wrapped(*args, **kwargs)
+    assign = kwargs.get("assign", len(args) > 2 and args[2])
     try:
         result = wrapped(*args, **kwargs)
     except BaseException:
-        contained(lambda: _materialise_left_on_meta(instance), "materialising buffers after load_state_dict",
-                  user_error=True)
+        if assign:
+            contained(lambda: _materialise_left_on_meta(instance), "materialising buffers after load_state_dict",
+                      user_error=True)
+        contained(loading_ended, "giving the verdicts after load_state_dict", user_error=True)
         raise
-    contained(lambda: _materialise_left_on_meta(instance), "materialising buffers after load_state_dict")
+    if assign:
+        contained(lambda: _materialise_left_on_meta(instance), "materialising buffers after load_state_dict")
+    contained(loading_ended, "giving the verdicts after load_state_dict")
     return result
 
 
 def _materialise_left_on_meta(model):
-    device = next((tensor.device for tensor in model.state_dict().values()
-                   if isinstance(tensor, torch.Tensor) and not tensor.is_meta), None)
-    if device is not None:
-        report(*materialise_meta_buffers(model, device))
+    """The device the loaded tensors landed on, else that of any real tensor of the model, else
+    the CPU (a module holding only non-persistent buffers loads an empty state dict)."""
+    tensors = [tensor for tensor in model.state_dict().values() if isinstance(tensor, torch.Tensor)]
+    device = next((tensor.device for tensor in tensors if not tensor.is_meta), None)
+    if device is None:
+        device = next((t.device for t in (*model.parameters(), *model.buffers()) if not t.is_meta),
+                      torch.device("cpu"))
+    report(materialise_meta_buffers(model, device), ())
+    await_loading_end()
 
 
 def _moving_to_meta(wrapped, instance, args, kwargs, recurse=True):
@@ -120,6 +133,7 @@ def _carry_over(original, memo):
             if tensor is not None and copied is not None:
                 snapshots.follow_copy(tensor, copied)
                 recipes.follow_tensor_copy(tensor, copied)
+                recording.follow_tensor_copy(tensor, copied)
 
 
 def _init_subclass(cls, **kwargs):
@@ -146,11 +160,15 @@ class TorchNN(Integration):
     def __init__(self):
         super().__init__()
         self.unrecorded_classes = frozenset()  # see recording.torch_nn_own_classes
+        self._buffer_hook = None  # see recording.buffer_registered
+
+    declarations = (
+        Wrap("torch.nn", "Module.to_empty", _to_empty),
+        Wrap("torch.nn", "Module.to", _to),
+        Wrap("torch.nn", "Module.load_state_dict", _load_state_dict),
+    )
 
     def _instrument(self, module):
-        self.wrap(nn.Module, "to_empty", _to_empty)
-        self.wrap(nn.Module, "to", _to)
-        self.wrap(nn.Module, "load_state_dict", _load_state_dict)
         current_new = nn.Module.__dict__.get("__new__")
         if current_new is None or recording.is_constructor_hook(current_new):
             # None, or ours (maybe from before an importlib.reload).  CPython cannot take a __new__
@@ -172,8 +190,13 @@ class TorchNN(Integration):
         # about the default device may be stale then, and after any time spent switched off.
         self.wrap(compat.DeviceContext, "__init__", _device_context_made)
         recording.device_context_made()
+        self._buffer_hook = torch.nn.modules.module.register_module_buffer_registration_hook(
+            recording.buffer_registered)
 
     def _uninstrument(self):
+        if self._buffer_hook is not None:
+            self._buffer_hook.remove()
+            self._buffer_hook = None
         hook = nn.Module.__dict__.get("__new__")
         if recording.is_constructor_hook(hook):
             hook.__func__.hooked_classes.clear()  # its fast path: a class in there is recorded at once

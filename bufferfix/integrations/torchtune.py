@@ -3,11 +3,10 @@
 ``Llama3ScaledRoPE`` (llama3_1 / llama3_2 and their LoRA / DoRA builders) registers no ``cache`` /
 ``theta`` at all when built on meta; torchtune's recipes call ``m.rope_init()`` by hand after
 ``to_empty``.  This integration patches nothing: it names torchtune's classes with a ``rope_init``
-method to :mod:`bufferfix.mechanism.missing`, which adds the buffers their replay has and the
+method to the recovery loop (``recompute.expect_buffers``), which adds the buffers their replay has and the
 materialised module lacks, registered as the normal build registers them.
 """
-from ..mechanism import missing
-from .base import Integration
+from .base import ExpectBuffers, Integration
 
 
 def rope_module(cls):
@@ -19,12 +18,7 @@ class TorchTune(Integration):
     name = "torchtune"
     target = "torchtune"
     patches = "torchtune RoPE modules (rope_init)"
-
-    def _instrument(self, module):
-        missing.expect_buffers(rope_module)
-
-    def _uninstrument(self):
-        missing.forget_expectation(rope_module)
+    declarations = (ExpectBuffers(rope_module),)
 
 
 INTEGRATION = TorchTune()

@@ -26,7 +26,7 @@ without buffers), so it has no such entry point; its meta flows go through
 import logging
 import threading
 
-from .base import Integration, Restoring, contained, report
+from .base import Integration, Overwriting, Restoring, Wrap, contained, loading_ended, report
 
 logger = logging.getLogger("bufferfix")
 
@@ -73,36 +73,44 @@ def _finalize_model_loading(wrapped, instance, args, kwargs):
     try:
         return wrapped(*args, **kwargs)
     finally:
-        if model is not None and id(model) in _pending():
+        if model is not None:
             _finish(model)
 
 
 def _finish(model):
     deferred = _pending().pop(id(model), None)
     if deferred is not None:
-        contained(lambda: report(deferred.plan, deferred.finish()), "restoring non-persistent buffers")
+        contained(lambda: (deferred.finish(), report(deferred.plan, ())), "restoring non-persistent buffers")
+    contained(loading_ended, "giving the verdicts when loading ends")
 
 
 class Transformers(Integration):
     name = "transformers"
     target = "transformers.modeling_utils"
+    declarations = (
+        Wrap(target, _MOVE, _move_missing_keys_from_meta_to_device),  # 4.x has none of the three
+        Wrap(target, _INITIALISE, _initialize_missing_keys),
+        Wrap(target, _FINALISE, _finalize_model_loading),
+        # swapped in for torch.nn.init's while _init_weights runs; they skip tensors marked initialised
+        Overwriting("transformers.initialization",
+                    ("normal_", "uniform_", "trunc_normal_", "zeros_", "ones_", "constant_", "copy_")),
+    )
 
     def __init__(self):
         super().__init__()
         self.deferring = False  # all three entry points exist
 
     def _instrument(self, modeling_utils):
-        if not self.require(modeling_utils, _MOVE):
-            return  # 4.x: from_pretrained keeps buffers real, nothing to patch
-        self.wrap(modeling_utils, _MOVE, _move_missing_keys_from_meta_to_device)
-        self.deferring = self.require(modeling_utils, _INITIALISE) and self.require(modeling_utils, _FINALISE)
-        if self.deferring:
-            self.wrap(modeling_utils, _INITIALISE, _initialize_missing_keys)
-            self.wrap(modeling_utils, _FINALISE, _finalize_model_loading)
+        self.deferring = all(_has(modeling_utils, dotted) for dotted in (_MOVE, _INITIALISE, _FINALISE))
         logger.debug("bufferfix: transformers: replays deferred past _init_weights: %s", self.deferring)
 
     def _uninstrument(self):
         self.deferring = False
+
+
+def _has(module, dotted):
+    owner, _, name = dotted.partition(".")
+    return hasattr(getattr(module, owner, None), name)
 
 
 INTEGRATION = Transformers()

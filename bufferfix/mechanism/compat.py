@@ -40,6 +40,7 @@ WeakIdKeyDictionary = _resolve("torch.utils.weak.WeakIdKeyDictionary",
 TorchFunctionMode = _resolve("torch.overrides.TorchFunctionMode", lambda: torch.overrides.TorchFunctionMode)
 reconstruct = _resolve("copy._reconstruct (what Module.__deepcopy__ delegates to)", lambda: copy._reconstruct)
 
+
 NAMES = ("parse_to", "function_mode_stack_length", "function_mode_at", "DeviceContext", "global_device_context",
          "WeakIdKeyDictionary", "TorchFunctionMode", "reconstruct")
 

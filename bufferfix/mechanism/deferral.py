@@ -7,11 +7,16 @@ initialisation overwrites whole (``copy_``, ``fill_``, ``normal_``, ...) is left
 buffer it touches in any other way (reads it, writes part of it, takes ``.data``) is filled
 first, so it never sees uninitialised memory.  :meth:`DeferredRestore.finish` fills whatever
 the initialisation did not overwrite and returns what could not be recovered; it must run
-even when the initialisation raised.
+even when the initialisation raised.  A buffer left to the initialisation whose version counter
+did not move (a function that skips some tensors, as transformers' own ``constant_`` does for
+those it marks initialised) is filled then too: a skipped write never leaves garbage.
+
+Which functions overwrite a tensor whole is data (:data:`overwriting`): torch's, and those an
+integration adds (transformers swaps its own in for ``torch.nn.init``'s while ``_init_weights`` runs).
 """
 import torch
 
-from . import compat
+from . import compat, recipes
 
 
 class DeferredRestore:
@@ -21,6 +26,7 @@ class DeferredRestore:
         self.plan = plan
         self.pending = {id(target): (group, target) for group, target in pending}
         self.failures = failures
+        self.left = []  # (group, target, its version before the library's write)
 
     def watching(self):
         return _FirstUse(self)
@@ -32,12 +38,17 @@ class DeferredRestore:
 
     def left_to_the_library(self, key):
         group, target = self.pending.pop(key)
-        self.plan.left_to_the_library(target)
+        self.left.append((group, target, recipes.raw_version(target)))
 
     def finish(self):
+        for group, target, version in self.left:
+            if recipes.raw_version(target) != version:
+                self.plan.left_to_the_library(target)  # written whole: its value stands
+            elif group.buffers[0].read() is target:
+                self.pending[id(target)] = (group, target)  # the write was skipped: filled below
+        self.left.clear()
         for key, (group, target) in list(self.pending.items()):
-            module, name = group.buffers[0]
-            if module._buffers.get(name) is not target:
+            if group.buffers[0].read() is not target:
                 continue  # the initialisation registered a tensor of its own there: its value stands
             self.fill(key)
         self.pending.clear()
@@ -62,7 +73,7 @@ def _metadata_functions():
                      + [getattr(torch.Tensor, name) for name in methods if hasattr(torch.Tensor, name)])
 
 
-_OVERWRITING = _overwriting_functions()
+overwriting = set(_overwriting_functions())  # integrations add theirs
 _METADATA = _metadata_functions()
 
 
@@ -77,7 +88,7 @@ class _FirstUse(compat.TorchFunctionMode):
         if pending and func not in _METADATA:
             for position, value in enumerate(_arguments(args, kwargs)):
                 if id(value) in pending:
-                    if position == 0 and func in _OVERWRITING:
+                    if position == 0 and func in overwriting:
                         self.deferred.left_to_the_library(id(value))
                     else:
                         self.deferred.fill(id(value))

@@ -71,7 +71,7 @@ class Recipe:
         # flat: (argument, attributes, argument, attributes, ...).
         self.argument_states = argument_states
         self.refusal = refusal  # why this constructor must not be re-run, or None
-        self._replayed = None  # (module, randomised buffer names) or ReplayError
+        self._replayed = None  # Replayed or ReplayError
         self._replayed_real = None  # the same replay with real parameters (freed once it returned)
         self._replayed_on_meta = None  # a meta build, only to read version counters
 
@@ -92,10 +92,7 @@ class Recipe:
         restored = {}
         for value, state in _pairs(self.argument_states):
             if not _same_attributes(_state_of(value), state):
-                duplicate = copy.copy(value)
-                vars(duplicate).clear()
-                vars(duplicate).update(state)
-                restored[id(value)] = duplicate
+                restored[id(value)] = _as_recorded(value, state)
         args = tuple(restored.get(id(value), value) for value in self.args)
         kwargs = {name: restored.get(id(value), value) for name, value in self.kwargs.items()}
         return args, kwargs
@@ -109,14 +106,38 @@ _STATELESS = (type, types.FunctionType, types.BuiltinFunctionType, types.ModuleT
 
 
 def _state_of(value):
-    """The argument object's attribute dict, or None for values and callables."""
-    if type(value) in _VALUE_TYPE_SET or issubclass(type(value), _STATELESS):
+    """What is kept of an argument to see it change: a list's or a dict's entries, an argument
+    object's attribute dict; None for values and callables."""
+    kind = type(value)
+    if kind in _VALUE_TYPE_SET or issubclass(kind, _STATELESS):
         return None
+    if issubclass(kind, list):
+        return dict(enumerate(value))
+    if issubclass(kind, dict):
+        return dict(value)
+    if issubclass(kind, tuple):
+        return None  # its entries cannot change (a list inside it is an argument of its own: not followed)
     try:
         state = object.__getattribute__(value, "__dict__")
     except AttributeError:
         return None
     return state if type(state) is dict else None
+
+
+def _as_recorded(value, state):
+    """A copy of the argument ``value`` holding ``state`` (see :func:`_state_of`)."""
+    if isinstance(value, list):
+        duplicate = copy.copy(value)
+        duplicate[:] = list(state.values())
+        return duplicate
+    duplicate = copy.copy(value)
+    if isinstance(value, dict):
+        duplicate.clear()
+        duplicate.update(state)
+        return duplicate
+    vars(duplicate).clear()
+    vars(duplicate).update(state)
+    return duplicate
 
 
 def _same_attributes(current, recorded):
@@ -202,6 +223,8 @@ def argument_states(args, kwargs):
             refusal = _refusal(value)
             if refusal is not None:
                 return refusal
+            if isinstance(value, (list, dict)):  # its entries may change after the call: kept as they were
+                states += (value, _state_of(value))
             continue
         try:
             state = _generic_getattr(value, "__dict__")  # not the argument's own __getattribute__
@@ -368,8 +391,9 @@ def _free_parameters(module):
     return freed
 
 
-def version_at_construction(recipe, relative):
-    """The version counter a tensor built by ``recipe`` has when its constructor returns *on meta*.
+def version_at_construction(recipe, path, slot):
+    """The version counter the tensor at ``slot`` of the module at ``path`` (under the module
+    ``recipe`` builds) has when its constructor returns *on meta*.
 
     A live meta tensor with a higher count was changed in place after construction, so no
     replay can know its value.  The count is read from a meta build because some operations
@@ -382,33 +406,47 @@ def version_at_construction(recipe, relative):
                 recipe._replayed_on_meta = recipe.cls(*args, **kwargs)
         except Exception:  # noqa: BLE001 - the CPU replay already worked; nothing more to learn
             return None
-    sub_path, _, name = relative.rpartition(".")
     try:
-        owner = recipe._replayed_on_meta.get_submodule(sub_path)
+        owner = recipe._replayed_on_meta.get_submodule(path)
     except AttributeError:
         return None
-    tensor = owner._buffers.get(name) if name in owner._buffers else vars(owner).get(name)
-    return effective_version(tensor) if isinstance(tensor, torch.Tensor) else None
+    tensor = slot.read(owner)
+    return effective_version(tensor) if tensor is not None else None
 
 
-def _tensors_of(module):
-    from . import containers
+class Replayed:
+    """A replay: ``module``, a fresh CPU build, and when its constructor used the random number
+    generator, ``others``: builds from another seed, and with real parameters (whose
+    initialisation draws from the generator in a normal build and not in a replay)."""
 
-    found = {
-        (path, name): tensor
-        for path, sub in module.named_modules(remove_duplicate=False)
-        for name, tensor in list(sub._buffers.items()) + list(vars(sub).items())
-        if isinstance(tensor, torch.Tensor)
-    }
-    for path, sub in module.named_modules(remove_duplicate=False):  # and tensors in container attributes
-        for slot in containers.slots(sub, wanted=lambda tensor: True):
-            found.setdefault((path, slot.name), slot.tensor)
-    return found
+    __slots__ = ("module", "others")
+
+    def __init__(self, module, others=()):
+        self.module, self.others = module, others
+
+    def randomised(self, path, slot):
+        """Does the value at ``slot`` of the module at ``path`` depend on the random number generator?"""
+        if not self.others:
+            return False
+        value = _read(self.module, path, slot)
+        if value is None or value.is_meta:
+            return False
+        for other in self.others:
+            again = _read(other, path, slot)
+            if again is None or again.is_meta or again.shape != value.shape or not torch.equal(again, value):
+                return True
+        return False
+
+
+def _read(module, path, slot):
+    try:
+        return slot.read(module.get_submodule(path) if path else module)
+    except AttributeError:
+        return None
 
 
 def replay(recipe, real_parameters=False):
-    """Return ``(module, randomised)``: a fresh CPU build, and the (path, name) of tensors that
-    came from the random number generator.  Raises :class:`ReplayError`.
+    """The recipe's :class:`Replayed`.  Raises :class:`ReplayError`.
 
     Parameters are sent to meta as they are registered, unless ``real_parameters``: then they
     are real while the constructor runs (a buffer computed from one, or on its device, comes out
@@ -431,20 +469,17 @@ def replay(recipe, real_parameters=False):
 def _replay_uncached(recipe, real_parameters=False):
     if recipe.refusal:
         return ReplayError(Reason.REFUSED, recipe.refusal)
-    if recompute.forbids_replay(recipe.cls):
+    if recipe.cls in recompute.never_replayed:
         return ReplayError(Reason.NEVER_REPLAY)
     try:
         module, drew_random = _construct(recipe, seed=0, real_parameters=real_parameters)
-        randomised = set()
+        others = ()
         if drew_random:
-            # The constructor used the RNG; find out which tensors depend on it by building
-            # again from another seed.  A normal build's random values are unknowable.
-            again, _ = _construct(recipe, seed=1, real_parameters=real_parameters)
-            first, second = _tensors_of(module), _tensors_of(again)
-            randomised = {
-                key for key, tensor in first.items()
-                if key in second and not tensor.is_meta and not torch.equal(tensor, second[key])
-            }
+            # The constructor used the RNG: a value that differs in a build from another seed, or in
+            # one whose parameter initialisation draws as a normal build's does, came from it.
+            others = (_construct(recipe, seed=1, real_parameters=real_parameters)[0],)
+            if not real_parameters:
+                others += (_construct(recipe, seed=0, real_parameters=True)[0],)
     except Exception as error:  # noqa: BLE001 - any failure of user code is reported, not raised
         return ReplayError(Reason.REPLAY_RAISED, "%s: %s" % (type(error).__name__, error))
-    return module, randomised
+    return Replayed(module, others)

@@ -1,12 +1,16 @@
-"""The user's own rules: recompute functions and classes that must never be replayed; and an
-integration's verdict that some of a class's buffers cannot be recovered at all."""
+"""The rules the recovery loop follows, as data: the user's recompute functions and classes that
+must never be replayed; an integration's verdict that some of a class's buffers cannot be
+recovered at all; and the classes an integration says may lack, on meta, buffers their
+constructor registers elsewhere (torchtune's ``rope_init()``)."""
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from ..recovery import Reason
 
-_recompute_functions: dict[type, Callable] = {}  # class -> fn(module) -> {name: tensor}
-_never_replay = set()  # classes whose constructors must not be re-run
-_unrecoverable: dict[type, tuple[Reason, tuple[str, ...]]] = {}  # class -> (why, its attributes it covers)
+RecomputeFunction = Callable[[Any], "dict[str, Any] | None"]
+recompute_functions: dict[type, RecomputeFunction] = {}  # class -> fn(module) -> {name: tensor}
+never_replayed = set()  # classes whose constructors must not be re-run
+unrecoverable: dict[type, tuple[Reason, tuple[str, ...]]] = {}  # class -> (why, its attributes it covers)
 
 
 def register_recompute(cls: type, fn: Callable | None = None):
@@ -19,48 +23,77 @@ def register_recompute(cls: type, fn: Callable | None = None):
     """
     if fn is None:
         return lambda function: register_recompute(cls, function)
-    _recompute_functions[cls] = fn
+    recompute_functions[cls] = fn
     return fn
 
 
 def unregister_recompute(cls: type) -> None:
-    _recompute_functions.pop(cls, None)
+    recompute_functions.pop(cls, None)
 
 
 def never_replay(cls: type) -> type:
     """Never re-run ``cls``'s constructor (e.g. it has side effects); its buffers are then reported
     as unrecoverable unless a recompute function is registered."""
-    _never_replay.add(cls)
+    never_replayed.add(cls)
     return cls
 
 
 def registered_recompute(cls: type) -> Callable | None:
     for klass in cls.__mro__:
-        fn = _recompute_functions.get(klass)
+        fn = recompute_functions.get(klass)
         if fn is not None:
             return fn
     return None
-
-
-def forbids_replay(cls: type) -> bool:
-    return cls in _never_replay
 
 
 def declare_unrecoverable(cls: type, attributes: Iterable[str], reason: Reason) -> None:
     """The tensors under ``cls``'s ``attributes`` (buffers, or child modules such as a BufferDict)
     cannot be recovered, for ``reason``: they are reported with it instead of whatever a replay of
     an ancestor gives (an integration's verdict, e.g. a value computed from a pretrained weight)."""
-    _unrecoverable[cls] = (reason, tuple(attributes))
+    unrecoverable[cls] = (reason, tuple(attributes))
 
 
 def undeclare_unrecoverable(cls: type) -> None:
-    _unrecoverable.pop(cls, None)
+    unrecoverable.pop(cls, None)
 
 
 def declared_unrecoverable(cls: type, relative: str) -> Reason | None:
     """The declared reason for the tensor at ``relative`` (a path under a ``cls`` module), if any."""
     for klass in cls.__mro__:
-        reason, attributes = _unrecoverable.get(klass, (None, ()))
+        reason, attributes = unrecoverable.get(klass, (None, ()))
         if relative.partition(".")[0] in attributes:
             return reason
     return None
+
+
+expecting: list[Callable[[type], bool]] = []  # predicates cls -> bool, from integrations
+_expects: dict[type, bool] = {}  # class -> does some predicate name it (asked for every module planned)
+
+
+def expect_buffers(predicate: Callable[[type], bool]) -> None:
+    """Modules whose class ``predicate(cls)`` accepts may lack, on meta, buffers their constructor
+    registers elsewhere: they are registered after materialisation, as the normal build has them."""
+    expecting.append(predicate)
+    _expects.clear()
+
+
+def forget_expectation(predicate: Callable[[type], bool]) -> None:
+    if predicate in expecting:
+        expecting.remove(predicate)
+    _expects.clear()
+
+
+def expects_buffers(cls: type) -> bool:
+    if not expecting:
+        return False
+    verdict = _expects.get(cls)
+    if verdict is None:
+        verdict = _expects[cls] = any(_safe(predicate, cls) for predicate in expecting)
+    return verdict
+
+
+def _safe(predicate: Callable[[type], bool], cls: type) -> bool:
+    try:
+        return bool(predicate(cls))
+    except Exception:  # noqa: BLE001 - an integration's predicate must not break planning
+        return False

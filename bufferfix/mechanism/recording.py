@@ -14,6 +14,7 @@ since a buffer its constructor put on a child can only come from replaying the p
 """
 import itertools
 import logging
+import sys
 import threading
 import weakref
 
@@ -226,7 +227,7 @@ def keep_c_constructor(leaf_classes):
     for cls in leaf_classes:
         if "__new__" not in cls.__dict__:
             cls.__new__ = object.__new__
-    signatures.keep_signatures(leaf_classes)  # inspect.signature as if these __new__s were not there
+    signatures.keep_signatures(leaf_classes, is_constructor_hook)  # inspect.signature as if these __new__s were not there
 
 
 def hook_subclasses_of(leaf_classes, hook):
@@ -250,9 +251,82 @@ def inherits_c_constructor(cls):
     return "__new__" not in cls.__dict__ and cls.__new__ is object.__new__
 
 
+_own_new = {}  # class -> has it a __new__ of its own (never recorded)?
+
+
+def unrecordable(cls):
+    """Is ``cls`` a class whose constructions are never recorded, because it has a ``__new__`` of
+    its own (see ``constructs_through_hook``)?  Planning looks at such modules' containers anyway:
+    a tensor on meta there must be named."""
+    verdict = _own_new.get(cls)
+    if verdict is None:
+        new = cls.__new__
+        verdict = not (new is object.__new__ or is_constructor_hook(new))
+        if len(_own_new) < 10000:
+            _own_new[cls] = verdict
+    return verdict
+
+
 def is_constructor_hook(candidate):
     """Is this (a staticmethod of) a :func:`constructor_hook`, maybe from before a reload?"""
     return getattr(getattr(candidate, "__func__", candidate), "bufferfix_hook", None) == "recording_new"
+
+
+# --------------------------------------------------------------------------- who put a meta buffer there
+
+_registered = compat.WeakIdKeyDictionary()  # meta tensor -> weakref to the module whose constructor set it, or None
+
+
+def buffer_registered(module, name, tensor):
+    """A global buffer-registration hook (``register_buffer`` and ``module.name = tensor`` alike):
+    notes who put a meta tensor into a buffer slot, so that a replay is used only where it gives the
+    tensor as the constructor left it.
+
+    * inside an ``nn.Module`` constructor: that module (a parent's constructor may set a buffer on
+      its child after the child's returned: only the parent's replay has it);
+    * inside ``Module._apply`` (``.to(dtype)`` of a module whose ``_apply`` reassigns its buffers):
+      the same value converted, so what was noted of the one it replaces;
+    * anywhere else: user code set it after construction, which no replay can give.
+
+    Only meta tensors are looked at (real ones keep their value); returns None (the tensor is kept)."""
+    if tensor is None or not tensor.is_meta or (recipes.replays_running and recipes.thread_state.replaying):
+        return None
+    try:
+        frame = sys._getframe(1)
+        while frame is not None:
+            code_name = frame.f_code.co_name
+            if code_name == "__init__" or code_name == "_apply":
+                owner = frame.f_locals.get("self")
+                if isinstance(owner, nn.Module):
+                    if code_name == "_apply":
+                        previous = module._buffers.get(name)
+                        if previous is not None and previous in _registered:
+                            _registered[tensor] = _registered[previous]
+                    else:
+                        _registered[tensor] = weakref.ref(owner)
+                    return None
+            frame = frame.f_back
+        _registered[tensor] = None
+    except Exception:
+        logger.exception("bufferfix: could not note the registration of %s", name)
+    return None
+
+
+def set_outside_construction(tensor):
+    """Was the meta tensor put into its buffer slot by code outside any constructor?"""
+    return tensor in _registered and _registered[tensor] is None
+
+
+def constructed_by(tensor):
+    """The module whose constructor put the meta tensor into its buffer slot, if known and alive."""
+    owner = _registered.get(tensor)
+    return owner() if owner is not None else None
+
+
+def follow_tensor_copy(original, copy):
+    """``copy.deepcopy`` of a meta tensor keeps what was noted of it."""
+    if original in _registered:
+        _registered[copy] = _registered[original]
 
 
 # --------------------------------------------------------------------------- the side table
@@ -306,9 +380,10 @@ def replay_nbytes():
     for entry in [entry[1] for entry in list(_recorded.values()) if len(entry) == 2]:
         for slot in ("_replayed", "_replayed_real"):
             cached = getattr(entry, slot, None)
-            if type(cached) is tuple and id(cached[0]) not in seen:
-                seen.add(id(cached[0]))
-                total += sum(t.untyped_storage().nbytes() for t in cached[0].buffers() if not t.is_meta)
+            for module in (cached.module, *cached.others) if isinstance(cached, recipes.Replayed) else ():
+                if id(module) not in seen:
+                    seen.add(id(module))
+                    total += sum(t.untyped_storage().nbytes() for t in module.buffers() if not t.is_meta)
     return total
 
 
@@ -362,7 +437,8 @@ def _parent_of(module):
                 continue
             visited.add(id(parent))
             parent_ref = weakref.ref(parent)
-            for attribute, child in parent._modules.items():
+            children = vars(parent).get("_modules")  # none yet: its constructor is running in another thread
+            for attribute, child in (children or {}).items():
                 if child is not None:
                     index[id(child)] = (parent_ref, attribute)
                     pending.append(child)
@@ -403,8 +479,9 @@ def forget_all(modules):
 
 
 def holds_meta_tensors(module):
-    return any(tensor is not None and tensor.is_meta
-               for tensor in (*module._parameters.values(), *module._buffers.values()))
+    """Does ``module`` hold a parameter, buffer or plain tensor attribute on meta?"""
+    return any(isinstance(tensor, torch.Tensor) and tensor.is_meta
+               for tensor in (*module._parameters.values(), *module._buffers.values(), *vars(module).values()))
 
 
 def forget_when_subtree_done(module, was_meta):

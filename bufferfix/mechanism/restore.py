@@ -1,16 +1,21 @@
-"""Restore: put the right values into non-persistent buffers around a materialisation.
+"""Restore: put the right values into every tensor slot around a materialisation.
 
-A :class:`Materialisation` is built *before* tensors are swapped for empty memory
-(``to_empty``, or a library's own equivalent) and :meth:`Materialisation.restore`
-runs *after*.  Before, it notes every non-persistent buffer, every plain tensor
-attribute that aliases a buffer (4.x rotary ``original_inv_freq``) or sits on meta,
-and which slots share one tensor.  After, it
+A :class:`Materialisation` is built *before* tensors are swapped for empty memory (``to_empty``,
+or a library's own equivalent) and :meth:`Materialisation.restore` runs *after*.  Before, it notes
+every tensor that may need a value, as :class:`~.slots.Slot`\\ s grouped by the tensor they hold:
+non-persistent buffers, plain tensor attributes, tensors inside container attributes, buffers the
+meta build lacks, and which of those are views or aliases of another tensor (a parameter
+included).  After, it
 
-* re-shares tensors that were shared (``empty_like`` gave each slot its own),
-* fills each non-persistent buffer from the first source that has its value
-  (:mod:`.sources`),
-* returns whatever it could not recover, as :class:`~bufferfix.recovery.Recovery` values (the
-  integration that called it reports them: the mechanism makes no words).
+* re-shares tensors that were shared, and makes views views again (``empty_like`` gave each slot
+  memory of its own);
+* fills each group from the first source that has its value (one loop for every kind of slot:
+  :func:`.sources.find`);
+* holds an attribute derived from parameters (the legacy ``weight_norm``'s ``weight``) until the
+  parameters hold values;
+* holds the verdict on every value it could not recover until loading ends (:func:`settle`):
+  code that rewrites such a tensor before then (a model's own ``reset_parameters()``) leaves
+  nothing to report.
 
 Values are copied into the materialised tensor, so it keeps the dtype and device the
 materialisation gave it (exactly what ``.to()`` would do to a normal build).
@@ -24,13 +29,17 @@ value could not be recovered) plans it as the meta tensor it replaced, so a retr
 it or names it again instead of keeping garbage as a "real value".  A mark goes when the
 value is written, by bufferfix or in place by anyone else.
 """
+from __future__ import annotations
+
 import logging
 import weakref
+from typing import Any
 
 import torch
 
-from ..recovery import Attempt, Reason, Recovery
-from . import compat, deferral, extras, recipes, recording, snapshots, sources
+from ..recovery import Attempt, Reason, Recovery, Source
+from . import compat, deferral, recipes, recompute, recording, slots, snapshots, sources
+from .slots import ABSENT, ATTRIBUTE, BUFFER, Slot
 
 logger = logging.getLogger("bufferfix")
 
@@ -44,30 +53,39 @@ _unfilled = compat.WeakIdKeyDictionary()
 
 
 class _Group:
-    """One tensor and every slot (buffer or attribute) that held it before materialisation."""
+    """One tensor and every slot that held it before materialisation."""
 
-    __slots__ = ("tensor", "old", "buffers", "attributes", "needs_value")
+    __slots__ = ("tensor", "old", "slots", "needs_value", "view", "derived")
 
-    def __init__(self, tensor):
-        self.tensor = tensor  # what the slots held before materialisation
+    def __init__(self, tensor: torch.Tensor | None) -> None:
+        self.tensor = tensor  # what the slots held before materialisation (None: an ABSENT buffer)
         self.old = tensor  # where the value comes from: ``tensor``, or the meta tensor it stands in for
-        self.buffers = []  # (module, name)
-        self.attributes = []  # (module, name)
+        self.slots: list[Slot] = []  # buffers first (the materialised buffer is the target)
         self.needs_value = False
+        self.view: tuple[Any, ...] | None = None  # (base, size, stride, offset from the base's): a view of base
+        self.derived: Any = None  # the forward pre-hook computing it from parameters
+
+    @property
+    def buffers(self) -> list[Slot]:
+        return [slot for slot in self.slots if slot.kind == BUFFER]
 
 
-def _qualified(path, name):
+_SAYS_LITTLE = (Reason.NOT_CREATED, Reason.NO_RECIPE)
+
+
+def _qualified(path: str, name: str) -> str:
     return "%s.%s" % (path, name) if path else name
 
 
 # Types seen as module attributes that are not tensors (bool, dict, set, configs, ...): a module
 # whose attributes all have such types holds no tensor attribute, which set.issuperset decides in C.
-_NON_TENSOR_TYPES = set()
+_NON_TENSOR_TYPES: set[type] = set()
 
 
-def _modules_in_order(root):
+def _modules_in_order(root: torch.nn.Module) -> list[torch.nn.Module]:
     """``root.modules()`` (pre-order, each module once), without nested generators."""
-    found, pending = {}, [root]
+    found: dict[int, torch.nn.Module] = {}
+    pending = [root]
     while pending:
         module = pending.pop()
         if module is not None and id(module) not in found:
@@ -76,13 +94,13 @@ def _modules_in_order(root):
     return list(found.values())
 
 
-def _remember_non_tensor_type(kind):
+def _remember_non_tensor_type(kind: type) -> None:
     if len(_NON_TENSOR_TYPES) > 10000:  # e.g. classes made on the fly: do not keep them all alive
         _NON_TENSOR_TYPES.clear()
     _NON_TENSOR_TYPES.add(kind)
 
 
-def left_unfilled(tensor):
+def left_unfilled(tensor: torch.Tensor) -> torch.Tensor | None:
     """The meta tensor ``tensor`` replaced, if its value was never written; else None."""
     mark = _unfilled.get(tensor)
     if mark is None:
@@ -93,17 +111,25 @@ def left_unfilled(tensor):
     return mark[0]
 
 
+def derived_by(module: torch.nn.Module, name: str) -> Any:
+    """The forward pre-hook that recomputes the plain attribute ``module.name`` from parameters
+    before every forward (the legacy ``torch.nn.utils.weight_norm`` / ``spectral_norm``), or None."""
+    for hook in module._forward_pre_hooks.values():
+        if getattr(hook, "name", None) == name and callable(getattr(hook, "compute_weight", None)):
+            return hook
+    return None
+
+
 class Materialisation:
-    def __init__(self, root, recurse=True):
+    def __init__(self, root: torch.nn.Module, recurse: bool = True) -> None:
         # Runs over every module of the model at every materialisation: module paths (only needed
         # to name a buffer in a message) are worked out later, and only if asked for.
         self.root, self.recurse = root, recurse
         self.modules = _modules_in_order(root) if recurse else [root]
         self.root_was_meta = recording.holds_meta_tensors(root) if not recurse else True
-        self._paths = None
-        self.extras = extras.Extras()  # containers, buffers registered off meta, weight norm
-        self.recovered = []  # Recovery of each value filled, kept only while debug logging is on
-        self.groups = {}
+        self._paths: dict[int, str] | None = None
+        self.recovered: list[Recovery] = []  # Recovery of each value filled, kept only while debug logging is on
+        self.groups: dict[Any, _Group] = {}
         for module in self.modules:
             if not module._buffers:
                 continue
@@ -111,7 +137,7 @@ class Materialisation:
             for name, tensor in module._buffers.items():
                 if tensor is not None:
                     group = self._group(tensor)
-                    group.buffers.append((module, name))
+                    group.slots.append(Slot(module, BUFFER, name))
                     if name in non_persistent:
                         group.needs_value = True
         if _unfilled:
@@ -127,40 +153,104 @@ class Materialisation:
                 if not isinstance(value, torch.Tensor):
                     _remember_non_tensor_type(type(value))
                 elif not isinstance(value, torch.nn.Parameter):
-                    group = self.groups.get(id(value))
-                    if group is None and value.is_meta and self.extras.derived(module, name):
-                        continue  # recomputed from parameters by a weight-norm hook: not a lost value
-                    if group is None and value.is_meta:  # a plain attribute that never got a value
-                        group = self._group(value)
+                    group = self._group(value)
+                    group.slots.append(Slot(module, ATTRIBUTE, name))
+                    if value.is_meta and len(group.slots) == 1:
                         group.needs_value = True
-                    if group is not None:
-                        group.attributes.append((module, name))
+                        if module._forward_pre_hooks:
+                            group.derived = derived_by(module, name)
+        self._plan_containers_and_absent_buffers()
+        bases = self._plan_views()
         self.groups = {key: group for key, group in self.groups.items()
-                       if group.needs_value or group.attributes or len(group.buffers) > 1}
-        self.extras.plan(self.modules)
+                       if group.needs_value or group.view is not None or len(group.slots) > 1 or key in bases
+                       or any(slot.kind != BUFFER for slot in group.slots)}
+        self._holding = False  # verdicts wait until loading ends (restore), or are given now (after an error)
 
-    def _path(self, module):
+    def _plan_containers_and_absent_buffers(self) -> None:
+        """Tensors in container attributes (only modules built on meta, or never recorded, can hold
+        them on meta) and the buffers an integration says a module's constructor registers only off
+        meta (``recompute.expect_buffers``)."""
+        if not recording.has_any() and not any(recording.unrecordable(type(m)) for m in self.modules):
+            return
+        empty: dict[int, int] = {}  # objects holding no meta tensor, walked once for all modules
+        for module in self.modules:
+            if not (recording.was_recorded(module) or recording.unrecordable(type(module))):
+                continue
+            for slot, tensor in slots.items(module, empty=empty):
+                group = self._group(tensor)
+                group.slots.append(slot)
+                group.needs_value = True
+            if recompute.expecting and recompute.expects_buffers(type(module)) and recording.was_recorded(module):
+                self._plan_absent_buffers(module)
+
+    def _plan_absent_buffers(self, module: torch.nn.Module) -> None:
+        recipe = recording.recipe_of(module)
+        try:
+            replayed = recipes.replay(recipe).module
+        except recipes.ReplayError:  # the fill replays again and names the reason
+            names = [("<buffers registered off meta>", False)]
+        else:
+            names = [(name, name not in replayed._non_persistent_buffers_set)
+                     for name, value in replayed._buffers.items()
+                     if value is not None and name not in module._buffers and name not in vars(module)]
+        for name, persistent in names:
+            group = self.groups[(ABSENT, id(module), name)] = _Group(None)
+            group.slots.append(Slot(module, ABSENT, name, persistent=persistent))
+            group.needs_value = True
+
+    def _plan_views(self) -> set[Any]:
+        """A tensor sharing storage with another (a view of a buffer, ``spectral_norm``'s ``weight``
+        aliasing its parameter) is made a view of that one's materialised tensor again.  Returns the
+        keys of the groups viewed."""
+        bases: set[Any] = set()
+        # id(storage) -> (where its first tensor sits, that tensor, the storage: held, so no id is reused).
+        # torch keeps one Python object per storage, meta ones included, for as long as it lives.
+        by_storage: dict[int, tuple[Any, torch.Tensor, Any]] = {}
+        for module in self.modules:
+            for name, param in module._parameters.items():
+                if param is not None:
+                    storage = param.untyped_storage()
+                    by_storage.setdefault(id(storage), (("parameter", module, name), param, storage))
+        candidates = [(key, group) for key, group in self.groups.items() if group.tensor is not None]
+        for key, group in sorted(candidates, key=lambda pair: pair[1].tensor._base is not None):
+            storage = group.tensor.untyped_storage()
+            base = by_storage.get(id(storage))
+            if base is None:
+                by_storage[id(storage)] = (("group", key), group.tensor, storage)
+                continue
+            base_location, base_tensor, _ = base
+            offset = slots.within(group.tensor, base_tensor)
+            if offset is None:
+                continue  # shares memory beyond what the base covers: filled on its own
+            group.view = (base_location, tuple(group.tensor.shape), group.tensor.stride(), offset)
+            if base_location[0] == "group":
+                bases.add(base_location[1])
+        return bases
+
+    def _path(self, module: torch.nn.Module) -> str:
         if self._paths is None:
             if self.recurse:
-                self._paths = {id(sub): path for path, sub in self.root.named_modules()}
+                self._paths = {id(sub): path for path, sub in self.root.named_modules(remove_duplicate=False)}
             else:  # one module of a model materialised module by module: name it by where it was built
                 self._paths = {id(self.root): recording.recorded_path(self.root)}
         return self._paths.get(id(module), "")
 
-    def _group(self, tensor):
+    def _group(self, tensor: torch.Tensor) -> _Group:
         group = self.groups.get(id(tensor))
         if group is None:
             group = self.groups[id(tensor)] = _Group(tensor)
         return group
 
     # ------------------------------------------------------------------ after
-    def restore(self, device=None, defer_replays=False):
-        """Fill every buffer that needs a value.  With ``defer_replays``, values that only a
-        replay can give are held back in a :class:`~.deferral.DeferredRestore`.  Returns
-        ``(DeferredRestore or None, [Recovery of each value not recovered])``."""
-        failures, held_back = [], []
+    def restore(self, device: torch.device | None = None,
+                defer_replays: bool = False) -> tuple[deferral.DeferredRestore | None, list[Recovery]]:
+        """Fill every slot that needs a value.  With ``defer_replays``, values that only a replay can
+        give are held back in a :class:`~.deferral.DeferredRestore`.  Returns ``(DeferredRestore or
+        None, [Recovery of each value not recovered])``."""
+        failures: list[Recovery] = []
+        held_back = []
+        self._holding = True
         with torch.no_grad():
-            self.extras.restore(self, device, failures)
             for group, target in self._materialised_groups():
                 if defer_replays and self._only_a_replay_can_fill(group, target):
                     held_back.append((group, target))
@@ -170,25 +260,33 @@ class Materialisation:
             return deferral.DeferredRestore(self, held_back, failures), []
         return None, self.finish(failures)
 
-    def restore_after_error(self, device=None):
+    def restore_after_error(self, device: torch.device | None = None) -> list[Recovery]:
         """The materialising call raised part of the way through: fill every slot it had already
         swapped for empty memory (the rest still holds meta tensors, which fail loudly when used
         and are filled by the next materialisation).  Records are kept for that retry.  Returns
         the Recovery of each value not recovered."""
-        failures = []
+        failures: list[Recovery] = []
         with torch.no_grad():
             for group, target in self._materialised_groups(changed_only=True):
                 self.fill(group, target, failures, device)
         return failures
 
-    def _materialised_groups(self, changed_only=False):
-        """``[(group, target)]`` for every group that needs a value, after re-sharing.  Every real
-        target is marked unfilled, all of them before any is filled, until :meth:`fill` writes it."""
+    def _materialised_groups(self, changed_only: bool = False) -> list[tuple[_Group, torch.Tensor | None]]:
+        """``[(group, target)]`` for every group that needs a value, after re-sharing, views after
+        the tensors they view.  Every real target is marked unfilled, all of them before any is
+        filled, until :meth:`fill` writes it."""
         pending = []
-        for group in self.groups.values():
+        targets: dict[Any, torch.Tensor | None] = {}
+        for key, group in sorted(self.groups.items(), key=lambda pair: pair[1].view is not None):
             if changed_only and not self._changed(group):
                 continue
-            target = self._reshare(group)
+            target = targets[key] = self._reshare(group, targets)
+            if group.tensor is not None and not group.tensor.is_meta and not group.buffers:
+                # A real attribute: it needs its value back if materialisation replaced it, and a
+                # verdict if its constructor ran with parameters on meta (a random value drawn
+                # after them is not a normal build's: see sources).
+                group.needs_value = group.needs_value or any(
+                    slot.read() is not group.tensor or recording.was_recorded(slot.module) for slot in group.slots)
             if group.needs_value:
                 pending.append((group, target))
         for group, target in pending:
@@ -197,36 +295,65 @@ class Materialisation:
         return pending
 
     @staticmethod
-    def _changed(group):
-        slots = [module._buffers.get(name) for module, name in group.buffers]
-        slots += [vars(module).get(name) for module, name in group.attributes]
-        return any(slot is not group.tensor for slot in slots)
+    def _changed(group: _Group) -> bool:
+        return group.tensor is None or any(slot.read() is not group.tensor for slot in group.slots)
 
     @staticmethod
-    def _only_a_replay_can_fill(group, target):
-        return (target is not None and not target.is_meta and group.old.is_meta
-                and snapshots.recall(group.old) is None)
+    def _only_a_replay_can_fill(group: _Group, target: torch.Tensor | None) -> bool:
+        return (target is not None and not target.is_meta and group.old is not None and group.old.is_meta
+                and group.view is None and group.derived is None and snapshots.taken.get(group.old) is None)
 
-    def fill(self, group, target, failures, device=None):
+    def fill(self, group: _Group, target: torch.Tensor | None, failures: list[Recovery],
+             device: torch.device | None = None) -> None:
         """Give ``group`` its value in ``target``; what cannot be recovered goes into ``failures``."""
-        found = sources.find(group.old, group.buffers + group.attributes)
+        if group.derived is not None:
+            _hold_derived(group)
+            return
+        found = sources.find(group.old, group.slots)
         if found.value is None:
-            failures.append(self._recovery(group, found))
+            self._fail(group, target, found, failures)
             return
         if logger.isEnabledFor(logging.DEBUG):
             self.recovered.append(self._recovery(group, found))
-        if target is None:  # a plain attribute only: it takes the recovered tensor itself
-            moved = found.value.to(device if device is not None else found.value.device, copy=True)
-            for module, name in group.attributes:
-                module.__dict__[name] = moved
+        if found.value is group.old and all(slot.read() is group.old for slot in group.slots):
+            return  # kept where it was
+        if target is None:
+            self._place(group, found, device)
             return
         if tuple(found.value.shape) != tuple(target.shape):
-            failures.append(self._recovery(group, sources.Found(None, attempts=(Attempt(
-                found.origin, Reason.SHAPE_MISMATCH, "%s vs %s" % (tuple(found.value.shape), tuple(target.shape))),))))
+            self._fail(group, target, sources.Found(None, attempts=(Attempt(
+                found.origin, Reason.SHAPE_MISMATCH, "%s vs %s" % (tuple(found.value.shape), tuple(target.shape))),)),
+                failures)
             return
         self._write(group, target, found.value)
 
-    def finish(self, failures):
+    def _fail(self, group: _Group, target: torch.Tensor | None, found: sources.Found,
+              failures: list[Recovery]) -> None:
+        failures.append(self._recovery(group, found))
+        if self._holding:
+            held = [(slot, slot.read()) for slot in group.slots]
+            _unsettled.append((failures[-1], held, target, recipes.raw_version(target) if target is not None else 0))
+
+    def _place(self, group: _Group, found: sources.Found, device: torch.device | None) -> None:
+        """No materialised tensor to copy into: the slots take the value itself.  A plain attribute
+        goes to the materialisation's device; a tensor in a container stays where its constructor
+        put it (``to_empty`` and ``.to()`` never touch those); both keep the dtype the live tensor
+        had (a module whose ``_apply`` casts its attributes cast it on meta too).  A buffer the meta
+        build lacked is registered on the device of the module's materialised tensors."""
+        value = found.value
+        assert value is not None
+        kinds = {slot.kind for slot in group.slots}
+        if ABSENT in kinds:
+            where = device if device is not None else _device_of(group.slots[0].module)
+            value = value.to(where, copy=True)
+        else:
+            where = device if device is not None and ATTRIBUTE in kinds else value.device
+            dtype = group.old.dtype if group.old is not None else value.dtype
+            value = value.to(device=where, dtype=dtype, copy=True)
+        for slot in group.slots:
+            slot.write(value, found.replayed)
+
+    def finish(self, failures: list[Recovery]) -> list[Recovery]:
         """The materialisation is complete: records go; returns ``failures``.  After a failure the
         records stay (until the model dies), so a retry can still replay."""
         if failures:
@@ -237,28 +364,57 @@ class Materialisation:
             recording.forget_when_subtree_done(self.root, self.root_was_meta)
         return failures
 
-    def _reshare(self, group):
-        """Make every slot of the group hold the same (materialised) tensor again."""
+    def _reshare(self, group: _Group, targets: dict[Any, torch.Tensor | None]) -> torch.Tensor | None:
+        """Make every slot of the group hold the same (materialised) tensor again, a view of its base
+        if it was one; returns that tensor (None when no slot was materialised)."""
+        if group.view is not None:
+            target = self._view_target(group, targets)
+            if target is not None:
+                for slot in group.slots:
+                    slot.write(target)
+                group.needs_value = False  # its values are its base's
+                return target
+            group.view = None  # its base was not materialised: filled on its own
         if not group.buffers:
-            return None
-        module, name = group.buffers[0]
-        target = module._buffers[name]
-        earlier = _materialised.get(group.tensor)
-        earlier = earlier() if earlier is not None else None
-        if earlier is not None and earlier.device == target.device and earlier.dtype == target.dtype:
-            target = module._buffers[name] = earlier
-            if earlier not in _unfilled:
-                group.needs_value = False  # filled by the earlier call
-        elif not target.is_meta and target is not group.tensor:
-            _materialised[group.tensor] = weakref.ref(target)
-        for other, other_name in group.buffers[1:]:
-            other._buffers[other_name] = target
-        for other, other_name in group.attributes:
-            other.__dict__[other_name] = target
+            if group.tensor is None:
+                return None
+            changed = [slot.read() for slot in group.slots if slot.kind == ATTRIBUTE]
+            replaced = next((t for t in changed if t is not None and t is not group.tensor and not t.is_meta), None)
+            if replaced is None:
+                return None  # nothing materialised it: the slots take the value itself (_place)
+            target = replaced  # the module's own _apply materialised its attribute
+        else:
+            slot = group.buffers[0]
+            target = slot.module._buffers[slot.name]
+            earlier_ref = _materialised.get(group.tensor)
+            earlier = earlier_ref() if earlier_ref is not None else None
+            if earlier is not None and earlier.device == target.device and earlier.dtype == target.dtype:
+                target = slot.module._buffers[slot.name] = earlier
+                if earlier not in _unfilled:
+                    group.needs_value = False  # filled by the earlier call
+            elif not target.is_meta and target is not group.tensor:
+                _materialised[group.tensor] = weakref.ref(target)
+        for other in group.slots:
+            if other.read() is not target:
+                other.write(target)
         return target
 
+    def _view_target(self, group: _Group, targets: dict[Any, torch.Tensor | None]) -> torch.Tensor | None:
+        assert group.view is not None
+        location, size, stride, offset = group.view
+        if location[0] == "parameter":
+            base = location[1]._parameters.get(location[2])
+        else:
+            base = targets.get(location[1])
+        if base is None or base.is_meta:
+            return None
+        try:
+            return base.as_strided(size, stride, base.storage_offset() + offset)
+        except RuntimeError:
+            return None
+
     @staticmethod
-    def _write(group, target, value):
+    def _write(group: _Group, target: torch.Tensor, value: torch.Tensor) -> None:
         if target.is_meta:
             return  # still on meta (e.g. to_empty(device="meta")): nothing to fill
         try:
@@ -268,47 +424,106 @@ class Materialisation:
             # An expanded target (stride 0) cannot be written element-wise: swap the tensor.
             _unfilled.pop(target, None)
             replacement = value.to(device=target.device, dtype=target.dtype, copy=True)
-            for module, name in group.buffers:
-                module._buffers[name] = replacement
-            for module, name in group.attributes:
-                module.__dict__[name] = replacement
+            for slot in group.slots:
+                slot.write(replacement)
 
     @staticmethod
-    def left_to_the_library(target):
+    def left_to_the_library(target: torch.Tensor) -> None:
         """The library's own initialisation overwrites ``target`` whole: its value stands."""
         _unfilled.pop(target, None)
 
-    def _recovery(self, group, found):
-        module, name = (group.buffers or group.attributes)[0]
+    def _recovery(self, group: _Group, found: sources.Found) -> Recovery:
+        slot = group.slots[0]
         attempts = found.attempts
+        # The reason is the first attempt that met the value: a nearer module whose constructor does
+        # not create it (an ancestor's put it there) says less than the ancestor's replay.
+        primary = next((attempt for attempt in attempts if attempt.reason not in _SAYS_LITTLE),
+                       attempts[0] if attempts else None)
         return Recovery(
-            name=_qualified(self._path(module), name), owner=type(module).__qualname__,
-            kind="buffer" if group.buffers else "attribute", source=found.source, origin=found.origin,
-            reason=attempts[0].reason if found.source is None and attempts else None,
-            detail=attempts[0].detail if found.source is None and attempts else "", attempts=attempts)
+            name=_qualified(self._path(slot.module), slot.label), owner=type(slot.module).__qualname__,
+            kind="buffer" if slot.kind in (BUFFER, ABSENT) else "attribute", source=found.source,
+            origin=found.origin, reason=primary.reason if found.source is None and primary else None,
+            detail=primary.detail if found.source is None and primary else "", attempts=attempts)
 
-    def explain(self):
+    def explain(self) -> list[Recovery]:
         """A :class:`~bufferfix.recovery.Recovery` for every tensor that needs a value; changes nothing."""
-        return [self._recovery(group, sources.find(group.old, group.buffers + group.attributes))
-                for group in self.groups.values() if group.needs_value]
+        found = []
+        for group in self.groups.values():
+            if not group.needs_value or group.view is not None:
+                continue
+            if group.derived is not None:
+                found.append(self._recovery(group, sources.Found(None, Source.DERIVED)))
+            else:
+                found.append(self._recovery(group, sources.find(group.old, group.slots)))
+        return found
 
 
-def unfilled_count():
+def _device_of(module: torch.nn.Module) -> torch.device:
+    """Where the module's materialised tensors are (for a buffer added to a module that had none)."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        if not tensor.is_meta:
+            return tensor.device
+    return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------- when loading ends
+
+# Values not recovered at materialisation, whose verdict waits until loading ends: (Recovery, its
+# slots with what each held then, the materialised tensor, that tensor's version then).
+_unsettled: list[tuple[Recovery, list[tuple[Slot, torch.Tensor | None]], torch.Tensor | None, int]] = []
+_derived: list[tuple[Any, torch.nn.Module, str]] = []  # (hook, module, attribute) waiting for parameters
+
+
+def _hold_derived(group: _Group) -> None:
+    slot = group.slots[0]
+    _derived.append((group.derived, slot.module, slot.name))
+
+
+def unsettled() -> bool:
+    """Is anything waiting for loading to end?"""
+    return bool(_unsettled or _derived)
+
+
+def settle() -> list[Recovery]:
+    """Loading has ended (a ``load_state_dict`` returned, a library's loading finished, or the
+    first forward started): attributes derived from parameters get their values, and every value
+    not recovered at materialisation that nothing has rewritten since is returned, to be reported.
+    A tensor rewritten in place, or replaced by the model's own code, is not."""
+    derived, _derived[:] = list(_derived), []
+    with torch.no_grad():
+        for hook, module, name in derived:
+            if any(p is not None and p.is_meta for p in module._parameters.values()):
+                continue  # its parameters never got values: it stays on meta, which fails loudly
+            module.__dict__[name] = hook.compute_weight(module)
+    held, _unsettled[:] = list(_unsettled), []
+    failures = []
+    for recovery, held_slots, target, version in held:
+        rewritten = (target is not None and not target.is_meta and recipes.raw_version(target) != version) or any(
+            (current := slot.read()) is not then and current is not None and not current.is_meta
+            for slot, then in held_slots)
+        if not rewritten:
+            failures.append(recovery)
+    return failures
+
+
+def unfilled_count() -> int:
     return len(_unfilled)
 
 
-def materialise_meta_buffers(model, device="cpu"):
+def materialise_meta_buffers(model: torch.nn.Module, device: torch.device | str = "cpu") -> Materialisation:
     """Give every non-persistent buffer (and plain tensor attribute) still on meta its value on
     ``device``, leaving everything else alone.  For libraries that load parameters themselves
     and never materialise what is not in the checkpoint (accelerate's dispatch and loading).
-    Returns the plan (its ``recovered``) and the Recovery of each value not recovered."""
+    Returns the plan (its ``recovered``); what it could not recover waits for :func:`settle`."""
     plan = Materialisation(model)
-    plan.groups = {key: group for key, group in plan.groups.items() if group.needs_value and group.tensor.is_meta}
-    if not plan.groups and not plan.extras:
-        return plan, []
+    plan.groups = {key: group for key, group in plan.groups.items()
+                   if group.needs_value and (group.tensor is None or group.tensor.is_meta)}
+    if not plan.groups:
+        return plan
     for group in plan.groups.values():
-        if group.buffers:
-            module, name = group.buffers[0]
-            module._buffers[name] = torch.empty_like(group.tensor, device=device)
-    return plan, plan.restore(device)[1]
-
+        if group.buffers and group.view is None:
+            assert group.tensor is not None
+            slot = group.buffers[0]
+            slot.module._buffers[slot.name] = torch.empty_like(group.tensor, device=device)
+    plan.restore(torch.device(device))
+    return plan

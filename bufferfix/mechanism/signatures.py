@@ -32,17 +32,18 @@ _BUILT_IN = (types.WrapperDescriptorType, types.MethodWrapperType, types.ClassMe
 _OWN_NEW_FIRST = sys.version_info < (3, 11)  # 3.10: a class's own __new__ or __init__, then inherited ones
 
 
-def keep_signatures(leaf_classes):
+def keep_signatures(leaf_classes, is_hook):
     """Give ``nn.Module`` (and so every module class) the ``__signature__`` described above;
-    ``leaf_classes`` are the classes whose ``object.__new__`` is bufferfix's."""
-    nn.Module.__signature__ = _ConstructorSignature(frozenset(leaf_classes))
+    ``leaf_classes`` are the classes whose ``object.__new__`` is bufferfix's, ``is_hook(new)``
+    says whether a ``__new__`` is the recording hook."""
+    nn.Module.__signature__ = _ConstructorSignature(frozenset(leaf_classes), is_hook)
 
 
 class _ConstructorSignature:
     """A ``__signature__`` computed on each look-up from the class it is looked up on."""
 
-    def __init__(self, leaf_classes):
-        self.leaf_classes = leaf_classes
+    def __init__(self, leaf_classes, is_hook):
+        self.leaf_classes, self.is_hook = leaf_classes, is_hook
 
     def __get__(self, instance, cls):
         if instance is not None or _user_defined(type(cls).__call__):
@@ -58,10 +59,8 @@ class _ConstructorSignature:
         return base.__dict__.get("__new__")
 
     def _own_new_unhooked(self, base):
-        from . import recording  # imports this module
-
         new = base.__dict__.get("__new__")
-        if (new is object.__new__ and base in self.leaf_classes) or recording.is_constructor_hook(new):
+        if (new is object.__new__ and base in self.leaf_classes) or self.is_hook(new):
             return None
         return new
 

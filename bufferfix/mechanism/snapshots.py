@@ -10,8 +10,9 @@ module, so ``state_dict``, pickling and ``torch.save`` are unaffected.
 import torch
 
 from . import compat
+from .slots import within
 
-_snapshots = compat.WeakIdKeyDictionary()  # meta tensor -> the real tensor it replaced
+taken = compat.WeakIdKeyDictionary()  # meta tensor -> the real tensor it replaced (read as data by sources)
 
 
 class MoveToMeta:
@@ -42,6 +43,7 @@ class MoveToMeta:
                     self.groups[id(value)][2].append((module, attribute))
         self.groups = {key: group for key, group in self.groups.items()
                        if group[3] or len(group[1]) > 1 or group[2]}
+        self.views = _views(modules)
 
     def after(self):
         for real, buffers, attributes, non_persistent in self.groups.values():
@@ -51,44 +53,81 @@ class MoveToMeta:
                 continue
             if non_persistent:  # persistent values come back from the checkpoint
                 stands_for = self.unfilled(real) if self.unfilled is not None else None
-                value = real if stands_for is None else _snapshots.get(stands_for)
+                value = real if stands_for is None else taken.get(stands_for)
                 if value is not None:
-                    _snapshots[moved] = value
+                    taken[moved] = value
             for module, other in buffers[1:]:
                 module._buffers[other] = moved
             for module, attribute in attributes:
                 module.__dict__[attribute] = moved
+        for (module, name, is_buffer), (base_module, base_name, base_kind), size, stride, offset in self.views:
+            base = getattr(base_module, "_" + base_kind + "s").get(base_name)
+            if base is None or not base.is_meta:
+                continue
+            view = base.as_strided(size, stride, base.storage_offset() + offset)
+            if is_buffer:
+                module._buffers[name] = view
+            else:
+                module.__dict__[name] = view
+
+
+def _views(modules):
+    """``[(slot, base slot, size, stride, offset from the base's)]`` for every buffer or plain tensor
+    attribute sharing storage with a parameter or an earlier buffer (``table[:1]``, spectral_norm's
+    ``weight`` aliasing its parameter): ``Module._apply`` gives each its own moved tensor, and the
+    normal build's views must stay views on meta too."""
+    bases, found = {}, []
+    for module in modules:
+        for name, param in module._parameters.items():
+            if param is not None and not param.is_meta:
+                storage = param.untyped_storage()  # held in the value: its id is not reused meanwhile
+                bases.setdefault(id(storage), ((module, name, "parameter"), param, storage))
+    slots = [((module, name, True), tensor) for module in modules for name, tensor in module._buffers.items()]
+    slots += [((module, name, False), value) for module in modules for name, value in vars(module).items()
+              if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter)]
+    seen = set()
+    for slot, tensor in sorted(slots, key=lambda pair: pair[1] is None or pair[1]._base is not None):
+        if tensor is None or tensor.is_meta or id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        storage = tensor.untyped_storage()
+        base = bases.get(id(storage))
+        if base is None:
+            if slot[2]:
+                bases[id(storage)] = ((slot[0], slot[1], "buffer"), tensor, storage)
+            continue
+        location, base_tensor, _ = base
+        offset = within(tensor, base_tensor)
+        if offset is not None:  # else it shares memory beyond what the base covers: moved on its own
+            found.append((slot, location, tuple(tensor.shape), tensor.stride(), offset))
+    return found
 
 
 def remember(meta_tensor, real):
     """A library moved ``real`` to meta itself (a tensor-level ``.to("meta")``, not ``Module.to``):
     keep it as that meta tensor's snapshot (an integration that saw the move calls this)."""
     if meta_tensor.is_meta and not real.is_meta:
-        _snapshots[meta_tensor] = real
-
-
-def recall(meta_tensor):
-    return _snapshots.get(meta_tensor)
+        taken[meta_tensor] = real
 
 
 def follow_copy(original, copy):
     """``copy.deepcopy`` of a meta tensor keeps its snapshot."""
-    snapshot = _snapshots.get(original)
+    snapshot = taken.get(original)
     if snapshot is not None:
-        _snapshots[copy] = snapshot
+        taken[copy] = snapshot
 
 
 def has_any():
-    return len(_snapshots) > 0
+    return len(taken) > 0
 
 
 def count():
-    return len(_snapshots)
+    return len(taken)
 
 
 def tensors():
     """The real values held (for memory accounting)."""
-    return list(_snapshots.values())
+    return list(taken.values())
 
 
 def nbytes():

@@ -1,16 +1,31 @@
-"""Where a value comes from: the verdict on each way to recover one tensor.
+"""The recovery loop: one value for the tensor held at some :class:`~.slots.Slot`\\ s, or why not.
 
-In order: the old real value (``init_empty_weights()`` keeps buffers real), a snapshot
-taken when the model went to meta, a registered recompute function, a replay of the
-constructor of the module or of its nearest ancestor that reproduces it.  Each way that
-fails leaves an :class:`~bufferfix.recovery.Attempt` saying why, as a value.
+Every kind of slot (buffer, plain attribute, tensor in a container, buffer the meta build lacks)
+goes through the same steps, in this order:
+
+1. the old value, if it is real (``init_empty_weights()`` keeps buffers real), unless its own
+   constructor's replay shows it came from the random number generator;
+2. a snapshot taken when the model was moved to meta;
+3. for each module from the slot's own up through its ancestors: an integration's verdict that the
+   value cannot exist, the user's registered recompute function, and a replay of the module's
+   recorded constructor, with its parameters on meta, then once more with real parameters when that
+   puts the value on meta or raises (a buffer computed from, or on the device of, a parameter).
+
+A replay is used only where it is the constructor's call as it was: a value the replay draws from
+the random number generator, a tensor changed in place after its constructor returned, and a
+tensor put there by code outside any constructor are named, never replayed.  Each way that fails
+leaves an :class:`~bufferfix.recovery.Attempt` saying why, as a value.  (Attributes derived from
+parameters get their values later, once the parameters hold values: see :mod:`.restore`.)
 """
+from __future__ import annotations
+
 import dataclasses
 
 import torch
 
 from ..recovery import Attempt, Reason, Source
 from . import recipes, recompute, recording, snapshots
+from .slots import Slot
 
 
 @dataclasses.dataclass
@@ -19,64 +34,95 @@ class Found:
     source: Source | None = None
     origin: str | None = None
     attempts: tuple[Attempt, ...] = ()
+    replayed: torch.nn.Module | None = None  # the replayed module holding the value (an ABSENT slot's flags)
 
 
-def find(old, slots):
-    """The value for ``old`` (the tensor before materialisation), held at ``slots``:
-    ``[(module, name), ...]``, buffers first."""
-    if not old.is_meta:
-        return Found(old, Source.KEPT)  # real all along (init_empty_weights keeps buffers real)
-    snapshot = snapshots.recall(old)
-    if snapshot is not None:
-        return Found(snapshot, Source.SNAPSHOT)
-    attempts = []
-    for module, name in slots:
-        found = _recompute(module, name, old, attempts)
+def find(old: torch.Tensor | None, slots: list[Slot]) -> Found:
+    """The value for ``old`` (the tensor before materialisation; None for a buffer the meta build
+    lacks), held at ``slots``, nearest-first."""
+    if old is not None and not old.is_meta:
+        return _kept(old, slots)
+    if old is not None:
+        snapshot = snapshots.taken.get(old)
+        if snapshot is not None:
+            return Found(snapshot, Source.SNAPSHOT)
+    attempts: list[Attempt] = []
+    replayable = old is None or not recording.set_outside_construction(old)
+    if not replayable:  # a recompute function may still have it; no replay does
+        attempts.append(Attempt(None, Reason.REPLACED, slots[0].label))
+    for slot in slots:
+        found = _from_owners(slot, old, attempts, replayable)
         if found is not None:
             return found
     return Found(None, attempts=tuple(dict.fromkeys(attempts)) or (Attempt(None, Reason.NO_RECIPE),))
 
 
-def _recompute(module, name, live, attempts):
+def _kept(old: torch.Tensor, slots: list[Slot]) -> Found:
+    """A real value was kept: it stands, unless its constructor, run with parameters on meta
+    (``init_empty_weights()``), drew it from the random number generator and nothing wrote it since:
+    parameters made on meta draw nothing, so the stream was shifted and the value is not a normal
+    build's."""
+    for slot in slots:
+        for owner, path in recording.owners(slot.module, ""):
+            recipe = recording.recipe_of(owner)
+            if recipe is None:
+                continue
+            path = path.rstrip(".")
+            try:
+                replayed = recipes.replay(recipe)
+            except recipes.ReplayError:
+                return Found(old, Source.KEPT)
+            if replayed.randomised(path, slot) and not _changed_after_construction(old, recipe, path, slot):
+                return Found(None, attempts=(Attempt(recipe.origin, Reason.RANDOM),))
+            return Found(old, Source.KEPT)
+    return Found(old, Source.KEPT)
+
+
+def _from_owners(slot: Slot, old: torch.Tensor | None, attempts: list[Attempt], replayable: bool) -> Found | None:
     tried = len(attempts)
-    for owner, relative in recording.owners(module, name):
-        reason = recompute.declared_unrecoverable(type(owner), relative)
+    owners = [(owner, path.rstrip(".")) for owner, path in recording.owners(slot.module, "")]
+    start = recording.constructed_by(old) if old is not None else None
+    # Put there by an ancestor's constructor after its child's returned: only that one's replay has it.
+    first_replay = next((index for index, (owner, _) in enumerate(owners) if owner is start), 0)
+    for index, (owner, path) in enumerate(owners):
+        relative = path + "." + slot.label if path else slot.label
+        reason = recompute.declared_unrecoverable(type(owner), relative) if recompute.unrecoverable else None
         if reason is not None:  # the verdict replaces what nearer modules' replays said
-            attempts[tried:] = [Attempt(_qualified_class(type(owner)), reason, relative)]
+            attempts[:] = [Attempt(_qualified_class(type(owner)), reason, relative)]
             return None
-        function = recompute.registered_recompute(type(owner))
+        function = recompute.registered_recompute(type(owner)) if recompute.recompute_functions else None
         if function is not None:  # the author's own recompute function comes first
             value = _call_recompute_function(function, owner, relative, attempts)
             if value is not None:
                 return Found(value, Source.RECOMPUTE_FUNCTION, _qualified_class(type(owner)))
-        recipe = recording.recipe_of(owner)
+        recipe = recording.recipe_of(owner) if replayable and index >= first_replay else None
         if recipe is None:
             continue
         try:
-            replayed, randomised = _replay(recipe, relative)
+            replayed = _replay(recipe, path, slot)
         except recipes.ReplayError as error:
             attempts.append(Attempt(recipe.origin, error.reason, error.detail))
             continue
-        value = _lookup(replayed, relative)
-        sub_path, _, leaf = relative.rpartition(".")
+        holder = _submodule(replayed.module, path)
+        value = slot.read(holder) if holder is not None else None
         if value is None:
             attempts.append(Attempt(recipe.origin, Reason.NOT_CREATED, relative))
         elif value.is_meta:
             attempts.append(Attempt(recipe.origin, Reason.ON_META))
-        elif (sub_path, leaf) in randomised:
+        elif replayed.randomised(path, slot):
             attempts.append(Attempt(recipe.origin, Reason.RANDOM))
-        elif _changed_after_construction(live, recipe, relative):
+        elif old is not None and _changed_after_construction(old, recipe, path, slot):
             attempts.append(Attempt(recipe.origin, Reason.MODIFIED_IN_PLACE))
         else:
-            return Found(value, Source.REPLAY, recipe.origin)
-    if len(attempts) == tried:
+            return Found(value, Source.REPLAY, recipe.origin, replayed=holder)
+    if len(attempts) == tried and replayable:
         attempts.append(Attempt(None, Reason.NO_RECIPE))
     return None
 
 
-def _replay(recipe, relative):
+def _replay(recipe: recipes.Recipe, path: str, slot: Slot) -> recipes.Replayed:
     """The recipe's replay, with its parameters on meta; once more with real parameters when that
-    gives the tensor on meta or raises, as a constructor does that computes a buffer from a
+    gives the tensor on meta or raises, as a constructor does that computes a value from a
     parameter or on a parameter's device (timm's Swin ``attn_mask``, ``RotaryEmbeddingMixed``'s
     ``t_x``).  Raises :class:`~bufferfix.mechanism.recipes.ReplayError`."""
     try:
@@ -85,17 +131,26 @@ def _replay(recipe, relative):
         if error.reason is not Reason.REPLAY_RAISED:
             raise  # refused / never_replay: real parameters change nothing
     else:
-        value = _lookup(replayed[0], relative)
+        holder = _submodule(replayed.module, path)
+        value = slot.read(holder) if holder is not None else None
         if value is None or not value.is_meta:
             return replayed
     return recipes.replay(recipe, real_parameters=True)
 
 
-def _qualified_class(cls):
+def _submodule(module: torch.nn.Module, path: str) -> torch.nn.Module | None:
+    try:
+        return module.get_submodule(path) if path else module
+    except AttributeError:
+        return None
+
+
+def _qualified_class(cls: type) -> str:
     return "%s.%s" % (cls.__module__, cls.__qualname__)
 
 
-def _call_recompute_function(function, owner, relative, attempts):
+def _call_recompute_function(function: recompute.RecomputeFunction, owner: torch.nn.Module, relative: str,
+                             attempts: list[Attempt]) -> torch.Tensor | None:
     try:
         computed = function(owner)
     except Exception as error:  # noqa: BLE001 - user code; report it
@@ -108,20 +163,10 @@ def _call_recompute_function(function, owner, relative, attempts):
     return None  # not covered by the function: constructor replay may still recover it
 
 
-def _lookup(module, relative):
-    sub_path, _, name = relative.rpartition(".")
-    try:
-        owner = module.get_submodule(sub_path) if sub_path else module
-    except AttributeError:
-        return None
-    value = owner._buffers.get(name) if name in owner._buffers else vars(owner).get(name)
-    return value if isinstance(value, torch.Tensor) else None
-
-
-def _changed_after_construction(live, recipe, relative):
+def _changed_after_construction(live: torch.Tensor, recipe: recipes.Recipe, path: str, slot: Slot) -> bool:
     """Did the live meta tensor see in-place writes after its constructor returned?"""
     version = recipes.effective_version(live)
     if not version:
         return False  # never written in place (cheap common case: no meta replay needed)
-    at_construction = recipes.version_at_construction(recipe, relative)
+    at_construction = recipes.version_at_construction(recipe, path, slot)
     return at_construction is not None and version > at_construction
