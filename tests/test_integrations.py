@@ -14,13 +14,29 @@ from bufferfix.activation import registry
 from bufferfix.integrations.base import Integration
 
 
-@pytest.mark.parametrize("target", sorted(registry.INTEGRATIONS))
-def test_every_registered_integration_follows_the_contract(target):
-    module = importlib.import_module(registry.INTEGRATIONS[target])
-    integration = module.INTEGRATION
-    assert isinstance(integration, Integration)
-    assert integration.target == target
-    assert integration.name == registry.integration_name(module.__name__)
+@pytest.mark.parametrize("integration", registry.integrations(), ids=lambda integration: integration.name)
+def test_every_registered_integration_follows_the_contract(integration):
+    module = importlib.import_module(type(integration).__module__)
+    assert isinstance(integration, Integration) and module.INTEGRATION is integration
+    assert integration.name == module.__name__.rpartition(".")[2]  # as BUFFERFIX_DISABLED_INTEGRATIONS lists it
+    assert integration.active == (integration.target in sys.modules)  # patched exactly when its target is imported
+    assert [i.name for i in registry.integrations()].count(integration.name) == 1
+
+
+def test_the_registry_is_read_off_the_integration_modules_without_importing_torch_or_a_library():
+    """Every module of bufferfix.integrations is an integration, found without a list written
+    elsewhere, and reading them imports neither torch nor any library they patch."""
+    code = """
+        import pkgutil, sys
+        import bufferfix.integrations as package
+        from bufferfix.activation import registry
+        modules = sorted(info.name for info in pkgutil.iter_modules(package.__path__) if info.name != "base")
+        assert sorted(i.name for i in registry.integrations()) == modules, modules
+        libraries = [i.target.split(".")[0] for i in registry.integrations()]
+        assert not [name for name in libraries if name in sys.modules], [n for n in libraries if n in sys.modules]
+        print("ok")
+    """
+    assert _run(code) == ["ok"]
 
 
 def test_instrument_and_uninstrument_are_idempotent_and_reversible():

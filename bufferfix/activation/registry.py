@@ -1,5 +1,10 @@
 """The integration registry, and switching bufferfix on and off.
 
+The registry is what the integrations declare: every module of ``bufferfix.integrations`` (its
+``base`` aside) defines ``INTEGRATION``, whose ``name`` and ``target`` say what it is called and
+which module's import triggers it.  Those modules import neither torch nor their libraries when
+they are imported, so reading them costs a few small imports.
+
 Each integration is patched by a wrapt post-import hook when its target module is imported
 (at once if it already is): bufferfix never imports a library just to patch it.  A hook runs
 inside the user's import, so it contains every exception.
@@ -7,33 +12,33 @@ inside the user's import, so it contains every exception.
 import contextlib
 import importlib
 import logging
+import pkgutil
 import sys
 
 from . import settings
 
 logger = logging.getLogger("bufferfix")
 
-# module whose import triggers the integration -> the integration's module
-INTEGRATIONS = {
-    "torch": "bufferfix.integrations.torch_nn",
-    "transformers.modeling_utils": "bufferfix.integrations.transformers",
-    "accelerate": "bufferfix.integrations.accelerate",
-    "torchtune": "bufferfix.integrations.torchtune",
-    "peft": "bufferfix.integrations.peft",
-}
-
 _enabled = False
 _hooks_registered = False
+_integrations = None
 
 
-def integration_name(module_name):
-    """``bufferfix.integrations.accelerate`` -> ``accelerate`` (as BUFFERFIX_DISABLED_INTEGRATIONS lists it)."""
-    return module_name.rpartition(".")[2]
+def integrations():
+    """Every integration, torch's first (the others' libraries import torch)."""
+    global _integrations
+    if _integrations is None:
+        from .. import integrations as package
+
+        found = [importlib.import_module("%s.%s" % (package.__name__, info.name)).INTEGRATION
+                 for info in pkgutil.iter_modules(package.__path__) if info.name != "base"]
+        _integrations = sorted(found, key=lambda integration: (integration.target != "torch", integration.name))
+    return _integrations
 
 
 def known_names():
     """The integration names BUFFERFIX_DISABLED_INTEGRATIONS accepts."""
-    return frozenset(integration_name(module) for module in INTEGRATIONS.values())
+    return frozenset(integration.name for integration in integrations())
 
 
 def switched_off():
@@ -41,13 +46,13 @@ def switched_off():
     return settings.names(settings.DISABLED_INTEGRATIONS, known=known_names())
 
 
-def _post_import_hook(integration_module):
+def _post_import_hook(integration):
     def instrument(module):
         """Runs inside the user's import: it must never make that import fail."""
-        if not _enabled or integration_name(integration_module) in switched_off():
+        if not _enabled or integration.name in switched_off():
             return
         try:
-            importlib.import_module(integration_module).INTEGRATION.instrument(module)
+            integration.instrument(module)
         except Exception as error:
             logger.exception("bufferfix: could not instrument %s; its buffers will not be restored", module.__name__)
             _warn_not_instrumented(module.__name__, error)
@@ -78,13 +83,13 @@ def enable():
     if not _hooks_registered:
         import wrapt  # only now: it costs ~150 ms and a disabled bufferfix must not pay it
 
-        for target, integration_module in INTEGRATIONS.items():  # runs at once for modules already imported
-            wrapt.register_post_import_hook(_post_import_hook(integration_module), target)
+        for integration in integrations():  # runs at once for modules already imported
+            wrapt.register_post_import_hook(_post_import_hook(integration), integration.target)
         _hooks_registered = True
     else:
-        for target, integration_module in INTEGRATIONS.items():
-            if target in sys.modules:
-                _post_import_hook(integration_module)(sys.modules[target])
+        for integration in integrations():
+            if integration.target in sys.modules:
+                _post_import_hook(integration)(sys.modules[integration.target])
     return True
 
 
@@ -92,10 +97,8 @@ def disable():
     """Remove every patch bufferfix installed (recorded state is kept but unused)."""
     global _enabled
     _enabled = False
-    for integration_module in reversed(list(INTEGRATIONS.values())):
-        patched = sys.modules.get(integration_module)
-        if patched is not None:
-            patched.INTEGRATION.uninstrument()
+    for integration in reversed(integrations()):
+        integration.uninstrument()
 
 
 def is_enabled():

@@ -1,12 +1,8 @@
 """Integrations: where bufferfix hooks into torch and the libraries built on it.
 
-One module per library, each defining ``INTEGRATION``, an instance of
-:class:`bufferfix.integrations.base.Integration`; ``bufferfix/activation/registry.py`` lists
-which module's import triggers which.  Adding a library is one file, one registry line and
-its tests.
+One module per library, each defining ``INTEGRATION``, an instance of an
+:class:`bufferfix.integrations.base.Integration` subclass that declares its ``name``, its
+``target`` (the module whose import triggers it) and what it does to the library, as data.  The
+registry (``bufferfix/activation/registry.py``) is read off these modules, so adding a library is
+one file and its tests.  Importing an integration module imports neither torch nor its library.
 """
-
-# Importing torch here, before any integration module starts, matters when someone imports
-# e.g. bufferfix.integrations.torch_nn before torch: torch's post-import hook then imports
-# torch_nn fully instead of finding it half-initialised (and torch left unpatched).
-import torch  # noqa: F401

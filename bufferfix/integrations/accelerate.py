@@ -11,12 +11,13 @@ binding that still holds accelerate's original is wrapped, and only those are un
 """
 import logging
 
-from ..mechanism.restore import materialise_meta_buffers
 from .base import Integration, Wrap, await_loading_end, contained, report
 
 logger = logging.getLogger("bufferfix")
 
 def _materialise_meta_buffers_first(wrapped, instance, args, kwargs):
+    from ..mechanism.restore import materialise_meta_buffers
+
     model = args[0] if args else kwargs.get("model")
     if INTEGRATION.active and model is not None:
         contained(lambda: (report(materialise_meta_buffers(model), ()), await_loading_end()),

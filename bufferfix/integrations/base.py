@@ -33,13 +33,13 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-import torch
 import wrapt
 
 from .. import errors, reporting
-from ..mechanism import deferral, recompute, restore
-from ..mechanism.restore import Materialisation
 from ..recovery import Reason
+
+# Integration modules are imported before their targets (the registry reads their declarations):
+# torch and the mechanism are imported where they are used, once the target (and torch) is.
 
 logger = logging.getLogger("bufferfix")
 
@@ -140,6 +140,8 @@ class Integration:
 
     # ------------------------------------------------------------------ declarations
     def _apply(self, declaration):
+        from ..mechanism import deferral, recompute
+
         if isinstance(declaration, ExpectBuffers):
             recompute.expect_buffers(declaration.predicate)
             self._undo.append(lambda: recompute.forget_expectation(declaration.predicate))
@@ -256,6 +258,8 @@ class Restoring:
         self.plan = self.deferred = None
 
     def __enter__(self):
+        from ..mechanism.restore import Materialisation
+
         self.plan = contained(lambda: Materialisation(self.model, self.recurse), "planning buffer restoration")
         return self
 
@@ -299,6 +303,10 @@ def await_loading_end():
     rewrites such a tensor before then (the model's own ``reset_parameters()`` or torchtune's
     ``rope_init()`` after ``to_empty``) leaves nothing to report."""
     global _forward_hook, _exit_hook_registered
+    import torch
+
+    from ..mechanism import restore
+
     if not restore.unsettled():
         return
     if _forward_hook is None:
@@ -315,6 +323,8 @@ def _first_forward(module, args):
 def loading_ended():
     """Give the verdicts held since materialisation: named loudly, unless rewritten since."""
     global _forward_hook
+    from ..mechanism import restore
+
     if _forward_hook is not None:
         _forward_hook.remove()
         _forward_hook = None

@@ -26,9 +26,6 @@ import logging
 import types
 import weakref
 
-import torch
-
-from ..mechanism import snapshots
 from ..recovery import Reason
 from .base import Integration, Recompute, Unrecoverable, Wrap, contained
 
@@ -87,6 +84,7 @@ def _remember_projections(tuner):
     """On a model on meta (or whose projections are), compute the projections the hook would give
     on CPU now, while the model is as the hook saw it (VeRA's ``_find_dim`` needs the layers not yet
     replaced by tuner layers), and keep them until the BufferDict dies or is materialised."""
+    import torch
     from peft.tuners._buffer_dict import BufferDict
 
     for key in [key for key, (held, _) in _projections.items() if held() is None]:
@@ -121,6 +119,8 @@ def _recompute_projections(buffer_dict):
 def _update_scaling(wrapped, instance, args, kwargs):
     """UniLoRA assigns its seeded indices and scales after injection, then moves them to the base
     layer's device itself (tensor ``.to``): on a meta base, the values it moved are kept as snapshots."""
+    from ..mechanism import snapshots
+
     if not INTEGRATION.active:
         return wrapped(*args, **kwargs)
     move = contained(lambda: snapshots.MoveToMeta(instance), "snapshotting UniLoRA's indices")
@@ -133,6 +133,8 @@ def _update_scaling(wrapped, instance, args, kwargs):
 def _move_adapter(wrapped, instance, args, kwargs):
     """UniLoRA moves its indices and scales to the base layer's device with tensor ``.to``: real ones
     it moves to meta are kept as snapshots."""
+    from ..mechanism import snapshots
+
     if not INTEGRATION.active:
         return wrapped(*args, **kwargs)
     move = contained(lambda: snapshots.MoveToMeta(instance), "snapshotting UniLoRA's buffers")
@@ -143,6 +145,10 @@ def _move_adapter(wrapped, instance, args, kwargs):
 
 
 def _keep_moved_scales(layer, move, adapter_name, unilora_scales_A, unilora_scales_B):
+    import torch
+
+    from ..mechanism import snapshots
+
     move.after()  # the indices: real before the call, moved to meta by it
     for held, value in ((layer.unilora_scales_A, unilora_scales_A), (layer.unilora_scales_B, unilora_scales_B)):
         live = held[adapter_name] if adapter_name in held else None
@@ -151,6 +157,8 @@ def _keep_moved_scales(layer, move, adapter_name, unilora_scales_A, unilora_scal
 
 
 def _recompute_prompt_tokens(peft_model):
+    import torch
+
     return {"prompt_tokens[%r]" % name: torch.arange(config.num_virtual_tokens * config.num_transformer_submodules).long()
             for name, config in peft_model.peft_config.items()
             if getattr(config, "is_prompt_learning", False) and getattr(config, "num_transformer_submodules", None)}
@@ -160,6 +168,8 @@ def _seeded_indices(indices, seeds, counts):
     """FourierFT's / WaveFT's ``indices``: ``randperm`` from each adapter's own seeded generator,
     as (row, column) pairs (what their ``update_layer`` computes)."""
     def recompute(layer):
+        import torch
+
         found = {}
         for adapter, seed in getattr(layer, seeds).items():
             drawn = torch.randperm(layer.out_features * layer.in_features,

@@ -11,12 +11,10 @@
 import logging
 import threading
 
-import torch
-from torch import nn
-
-from ..mechanism import compat, recipes, recording, restore, snapshots
-from ..mechanism.restore import materialise_meta_buffers
 from .base import Integration, Restoring, Wrap, await_loading_end, contained, loading_ended, report
+
+# This module is imported before torch (the registry reads its target): torch and the mechanism are
+# imported where they are used, all of it after torch itself.
 
 logger = logging.getLogger("bufferfix")
 
@@ -24,6 +22,8 @@ _local = threading.local()
 
 
 def _device_of(device):
+    import torch
+
     return None if device is None else torch.device(device)
 
 
@@ -43,6 +43,8 @@ def _to_empty(wrapped, instance, args, kwargs):
 
 
 def _to(wrapped, instance, args, kwargs):
+    from ..mechanism import compat
+
     try:
         device = compat.parse_to(*args, **kwargs)[0]
     except Exception:  # noqa: BLE001 - let the real call report bad arguments
@@ -80,6 +82,10 @@ def _load_state_dict(wrapped, instance, args, kwargs):
 def _materialise_left_on_meta(model):
     """The device the loaded tensors landed on, else that of any real tensor of the model, else
     the CPU (a module holding only non-persistent buffers loads an empty state dict)."""
+    import torch
+
+    from ..mechanism.restore import materialise_meta_buffers
+
     tensors = [tensor for tensor in model.state_dict().values() if isinstance(tensor, torch.Tensor)]
     device = next((tensor.device for tensor in tensors if not tensor.is_meta), None)
     if device is None:
@@ -92,6 +98,8 @@ def _materialise_left_on_meta(model):
 def _moving_to_meta(wrapped, instance, args, kwargs, recurse=True):
     """Snapshot real non-persistent buffers before a move to meta; record them after it, also
     when the move raised part of the way through (what it moved keeps its snapshot)."""
+    from ..mechanism import restore, snapshots
+
     move = contained(lambda: snapshots.MoveToMeta(instance, recurse, unfilled=restore.left_unfilled),
                      "snapshotting buffers")
     try:
@@ -102,12 +110,16 @@ def _moving_to_meta(wrapped, instance, args, kwargs, recurse=True):
 
 
 def _device_context_made(wrapped, instance, args, kwargs):
+    from ..mechanism import recording
+
     recording.device_context_made()
     return wrapped(*args, **kwargs)
 
 
 def _deepcopy(self, memo):
     """``copy.deepcopy`` exactly as without this hook, then carry recipes/snapshots over."""
+    from ..mechanism import compat, recording, snapshots
+
     reduced = self.__reduce_ex__(4)
     if isinstance(reduced, str):
         return self
@@ -123,6 +135,8 @@ def _deepcopy(self, memo):
 
 
 def _carry_over(original, memo):
+    from ..mechanism import recipes, recording, snapshots
+
     for module in original.modules():
         duplicate = memo.get(id(module))
         if duplicate is None:
@@ -140,6 +154,10 @@ def _init_subclass(cls, **kwargs):
     """``nn.Module.__init_subclass__``: a class made from one of torch.nn's leaf classes
     (``class MyNorm(nn.LayerNorm)``) would inherit their C constructor: it gets the recording
     ``__new__`` (see recording.keep_c_constructor)."""
+    from torch import nn
+
+    from ..mechanism import recording
+
     super(nn.Module, cls).__init_subclass__(**kwargs)
     hook = nn.Module.__dict__.get("__new__")
     if hook is not None and recording.inherits_c_constructor(cls):
@@ -169,6 +187,10 @@ class TorchNN(Integration):
     )
 
     def _instrument(self, module):
+        from torch import nn
+
+        from ..mechanism import compat, recording
+
         current_new = nn.Module.__dict__.get("__new__")
         if current_new is None or recording.is_constructor_hook(current_new):
             # None, or ours (maybe from before an importlib.reload).  CPython cannot take a __new__
@@ -190,10 +212,14 @@ class TorchNN(Integration):
         # about the default device may be stale then, and after any time spent switched off.
         self.wrap(compat.DeviceContext, "__init__", _device_context_made)
         recording.device_context_made()
-        self._buffer_hook = torch.nn.modules.module.register_module_buffer_registration_hook(
+        self._buffer_hook = nn.modules.module.register_module_buffer_registration_hook(
             recording.buffer_registered)
 
     def _uninstrument(self):
+        from torch import nn
+
+        from ..mechanism import recording
+
         if self._buffer_hook is not None:
             self._buffer_hook.remove()
             self._buffer_hook = None
