@@ -19,6 +19,8 @@ STARTS_PROCESSES = {
         "integrations switched off at import",
     "test_integrations.py::test_a_torch_without_one_of_them_fails_loudly_and_runs_unpatched":
         "a torch lacking a private API, at import",
+    "test_integrations.py::test_the_registry_is_read_off_the_integration_modules_without_importing_torch_or_a_library":
+        "what reading the registry imports",
     "test_recording.py::test_subclass_of_a_torch_nn_leaf_class_made_before_import": "classes made before import",
     "test_signatures.py::test_signatures_are_those_without_bufferfix": "signatures before bufferfix is imported",
 }
