@@ -8,12 +8,14 @@ Layout: ``activation/`` (switching on: import, start-up hook, launcher) ->
 ``integrations/`` (one module per library) -> ``mechanism/`` (recording, recipes and
 replay, restore); ``tools/`` (the ``bufferfix`` command) beside them.
 """
+from __future__ import annotations
+
 import dataclasses
 import logging
 import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, TypeVar, overload
 
 from .activation import registry, settings
 from .errors import BufferFixWarning, UnrecoverableBufferError, UnrecoverableBufferWarning
@@ -21,7 +23,12 @@ from .recovery import Attempt, Reason, Recovery, Source  # standard library only
 from .reporting import is_strict, set_strict
 
 if TYPE_CHECKING:
+    from torch import nn
+
+    from .mechanism.recompute import RecomputeFunction
     from .tools.check import CheckReport
+
+_Recompute = TypeVar("_Recompute", bound="RecomputeFunction")
 
 __version__ = "0.2.0"
 __all__ = [
@@ -54,7 +61,16 @@ def is_enabled() -> bool:
     return registry.is_enabled()
 
 
-def register_recompute(cls: type, fn: Callable | None = None):
+@overload
+def register_recompute(cls: type, fn: None = None) -> Callable[[_Recompute], _Recompute]: ...
+
+
+@overload
+def register_recompute(cls: type, fn: _Recompute) -> _Recompute: ...
+
+
+def register_recompute(cls: type, fn: RecomputeFunction | None = None
+                       ) -> RecomputeFunction | Callable[[RecomputeFunction], RecomputeFunction]:
     """See :func:`bufferfix.mechanism.recompute.register_recompute`."""
     from .mechanism import recompute
 
@@ -68,7 +84,7 @@ def never_replay(cls: type) -> type:
     return recompute.never_replay(cls)
 
 
-def explain(model) -> list[Recovery]:
+def explain(model: nn.Module) -> list[Recovery]:
     """How each non-persistent buffer (or plain tensor attribute) of ``model`` that needs a value
     would be recovered if it were materialised now; changes nothing.  Imports torch."""
     from .mechanism.restore import Materialisation
@@ -76,7 +92,7 @@ def explain(model) -> list[Recovery]:
     return Materialisation(model).explain()
 
 
-def check(build: Callable[[], Any], *, patched: bool = True) -> "CheckReport":
+def check(build: Callable[[], nn.Module], *, patched: bool = True) -> CheckReport:
     """Run every meta-device flow on the model ``build()`` returns and compare its non-persistent
     buffers and plain tensor attributes with a normal build, bit for bit (value, dtype, device).
 

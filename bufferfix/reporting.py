@@ -42,10 +42,10 @@ _REASONS = {
 }
 
 
-_strict = None  # None: follow BUFFERFIX_STRICT
+_strict: bool | None = None  # None: follow BUFFERFIX_STRICT
 
 
-def set_strict(strict: "bool | None") -> None:
+def set_strict(strict: bool | None) -> None:
     """``True``: unrecoverable buffers raise; ``False``: they warn; ``None``: follow the env var."""
     global _strict
     _strict = strict
@@ -67,13 +67,16 @@ def why(attempt: Attempt) -> str:
 def explanation(recovery: Recovery) -> str:
     """How it was recovered, or why it was not: each reason once (the nearest module's attempt; a
     parent whose replay fails the same way adds nothing)."""
-    if recovery.recovered:
+    if recovery.source is not None:  # recovered
         return _SOURCES[recovery.source].format(origin=recovery.origin)
-    first = {}
+    first: dict[Reason, Attempt] = {}
     for attempt in recovery.attempts:
         first.setdefault(attempt.reason, attempt)
-    return "; ".join(why(attempt) for attempt in first.values()) or why(Attempt(None, recovery.reason,
-                                                                               recovery.detail))
+    text = "; ".join(why(attempt) for attempt in first.values())
+    if text:
+        return text
+    assert recovery.reason is not None  # not recovered and no attempts: its own reason says why
+    return why(Attempt(None, recovery.reason, recovery.detail))
 
 
 def describe(recovery: Recovery) -> str:
@@ -81,7 +84,7 @@ def describe(recovery: Recovery) -> str:
     return "%s (%s): %s" % (recovery.name, recovery.owner, explanation(recovery))
 
 
-def _installed_paths():
+def _installed_paths() -> tuple[str, ...]:
     paths = sysconfig.get_paths()
     return tuple(os.path.realpath(paths[key]) + os.sep for key in ("stdlib", "platstdlib", "purelib", "platlib")
                  if paths.get(key))

@@ -8,7 +8,12 @@
 * ``launcher``: ``bufferfix-run COMMAND``, with ``bootstrap/sitecustomize.py`` for the
   processes it starts.
 """
-try:
-    from _bufferfix_startup import settings
-except ImportError:  # a source tree on sys.path, not installed: the same file, by its package path
-    from .startup import settings  # noqa: F401
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the same file, which mypy reads by its package path
+    from .startup import settings
+else:
+    try:
+        from _bufferfix_startup import settings
+    except ImportError:  # a source tree on sys.path, not installed: the same file, by its package path
+        from .startup import settings  # noqa: F401

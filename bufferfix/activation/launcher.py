@@ -12,8 +12,11 @@ Python processes must be able to import bufferfix (the same environment as buffe
 and must not run with ``-S`` (no site, so no sitecustomize) or ``-E``/``-I`` (which ignore
 PYTHONPATH and every ``BUFFERFIX_*`` variable).
 """
+from __future__ import annotations
+
 import os
 import sys
+from collections.abc import Mapping, Sequence
 
 USAGE = """\
 usage: bufferfix-run [--] COMMAND [ARGS...]
@@ -31,7 +34,7 @@ unrecoverable buffer an error; BUFFERFIX_LOG_LEVEL=debug|info|warning sets its l
 BOOTSTRAP_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bootstrap")
 
 
-def environment(environ=None):
+def environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment COMMAND runs in: a copy of ``environ`` with bufferfix's start-up hook on."""
     env = dict(os.environ if environ is None else environ)
     entries = [entry for entry in env.get("PYTHONPATH", "").split(os.pathsep) if entry]
@@ -41,7 +44,7 @@ def environment(environ=None):
     return env
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--"]:
         argv = argv[1:]

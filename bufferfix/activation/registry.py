@@ -9,22 +9,30 @@ Each integration is patched by a wrapt post-import hook when its target module i
 (at once if it already is): bufferfix never imports a library just to patch it.  A hook runs
 inside the user's import, so it contains every exception.
 """
+from __future__ import annotations
+
 import contextlib
 import importlib
 import logging
 import pkgutil
 import sys
+from collections.abc import Callable, Iterator
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 from . import settings
+
+if TYPE_CHECKING:
+    from ..integrations.base import Integration
 
 logger = logging.getLogger("bufferfix")
 
 _enabled = False
 _hooks_registered = False
-_integrations = None
+_integrations: list[Integration] | None = None
 
 
-def integrations():
+def integrations() -> list[Integration]:
     """Every integration, torch's first (the others' libraries import torch)."""
     global _integrations
     if _integrations is None:
@@ -36,18 +44,18 @@ def integrations():
     return _integrations
 
 
-def known_names():
+def known_names() -> frozenset[str]:
     """The integration names BUFFERFIX_DISABLED_INTEGRATIONS accepts."""
     return frozenset(integration.name for integration in integrations())
 
 
-def switched_off():
+def switched_off() -> frozenset[str]:
     """The integrations BUFFERFIX_DISABLED_INTEGRATIONS leaves unpatched (an unknown name warns, once)."""
     return settings.names(settings.DISABLED_INTEGRATIONS, known=known_names())
 
 
-def _post_import_hook(integration):
-    def instrument(module):
+def _post_import_hook(integration: Integration) -> Callable[[ModuleType], None]:
+    def instrument(module: ModuleType) -> None:
         """Runs inside the user's import: it must never make that import fail."""
         if not _enabled or integration.name in switched_off():
             return
@@ -60,7 +68,7 @@ def _post_import_hook(integration):
     return instrument
 
 
-def _warn_not_instrumented(name, error):
+def _warn_not_instrumented(name: str, error: Exception) -> None:
     try:
         from ..errors import warn
 
@@ -70,7 +78,7 @@ def _warn_not_instrumented(name, error):
         pass
 
 
-def enable():
+def enable() -> bool:
     """Patch torch now if it is imported, else as soon as it is.  Returns whether bufferfix is on."""
     global _enabled, _hooks_registered
     if settings.flag(settings.DISABLE):
@@ -93,7 +101,7 @@ def enable():
     return True
 
 
-def disable():
+def disable() -> None:
     """Remove every patch bufferfix installed (recorded state is kept but unused)."""
     global _enabled
     _enabled = False
@@ -101,12 +109,12 @@ def disable():
         integration.uninstrument()
 
 
-def is_enabled():
+def is_enabled() -> bool:
     return _enabled
 
 
 @contextlib.contextmanager
-def disabled():
+def disabled() -> Iterator[None]:
     """bufferfix off inside the block, back to its previous state after."""
     was_enabled = _enabled
     disable()

@@ -2,18 +2,35 @@
 must never be replayed; an integration's verdict that some of a class's buffers cannot be
 recovered at all; and the classes an integration says may lack, on meta, buffers their
 constructor registers elsewhere (torchtune's ``rope_init()``)."""
-from collections.abc import Callable, Iterable
-from typing import Any
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from ..recovery import Reason
 
-RecomputeFunction = Callable[[Any], "dict[str, Any] | None"]
+if TYPE_CHECKING:
+    import torch
+
+# fn(module) -> {name: tensor}.  The module is an instance of the class it is registered for, which a
+# Callable type cannot tie to that class: Any, so that fn may name the class (def fn(m: MyRotary)).
+RecomputeFunction = Callable[[Any], "Mapping[str, torch.Tensor] | None"]
+_Recompute = TypeVar("_Recompute", bound=RecomputeFunction)
 recompute_functions: dict[type, RecomputeFunction] = {}  # class -> fn(module) -> {name: tensor}
-never_replayed = set()  # classes whose constructors must not be re-run
+never_replayed: set[type] = set()  # classes whose constructors must not be re-run
 unrecoverable: dict[type, tuple[Reason, tuple[str, ...]]] = {}  # class -> (why, its attributes it covers)
 
 
-def register_recompute(cls: type, fn: Callable | None = None):
+@overload
+def register_recompute(cls: type, fn: None = None) -> Callable[[_Recompute], _Recompute]: ...
+
+
+@overload
+def register_recompute(cls: type, fn: _Recompute) -> _Recompute: ...
+
+
+def register_recompute(cls: type, fn: RecomputeFunction | None = None
+                       ) -> RecomputeFunction | Callable[[RecomputeFunction], RecomputeFunction]:
     """Register ``fn(module) -> {buffer name: tensor}`` computing ``cls``'s non-persistent buffers.
 
     ``fn`` receives the materialised module and may return values on any device
@@ -38,7 +55,7 @@ def never_replay(cls: type) -> type:
     return cls
 
 
-def registered_recompute(cls: type) -> Callable | None:
+def registered_recompute(cls: type) -> RecomputeFunction | None:
     for klass in cls.__mro__:
         fn = recompute_functions.get(klass)
         if fn is not None:

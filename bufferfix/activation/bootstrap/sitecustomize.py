@@ -11,9 +11,11 @@ import os
 import sys
 
 
-def _arm():
+def _arm() -> None:
     try:
-        import _bufferfix_startup  # standard library only: nothing heavy happens until torch is imported
+        # standard library only: nothing heavy happens until torch is imported.  Installed top-level by
+        # setup.py; mypy reads the same file as bufferfix.activation.startup
+        import _bufferfix_startup  # type: ignore[import-not-found]
 
         _bufferfix_startup.install()
     except Exception as error:  # noqa: BLE001
@@ -24,7 +26,7 @@ def _arm():
             pass
 
 
-def _chain():
+def _chain() -> None:
     """Import the next ``sitecustomize`` on sys.path, as ``site`` would have without this one."""
     here = os.path.dirname(os.path.abspath(__file__))
     positions = [index for index, entry in enumerate(sys.path) if os.path.abspath(entry or os.curdir) == here]
@@ -32,7 +34,8 @@ def _chain():
         del sys.path[index]
     this = sys.modules.pop("sitecustomize", None)
     try:
-        import sitecustomize  # noqa: F401  (the import system puts it in sys.modules in our place)
+        # the import system puts it in sys.modules in our place; which file it is depends on sys.path at run time
+        import sitecustomize  # type: ignore[import-not-found]  # noqa: F401
     except ImportError as error:
         if error.name != "sitecustomize":
             raise  # an error inside it: let site report it, as it would have

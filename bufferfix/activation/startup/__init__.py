@@ -19,16 +19,24 @@ finished executing, exactly as after ``import bufferfix; import torch``.
 Every failure is contained: it is reported once on stderr and the process goes on
 unpatched.  Installing twice (the .pth processed twice, .pth plus sitecustomize) is a no-op.
 """
+from __future__ import annotations
+
 import os
 import sys
 
 from . import settings
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing on the start-up path
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+    from importlib.machinery import ModuleSpec
+    from types import ModuleType
+
 _TRIGGER = "torch"
-_reported = set()
+_reported: set[str] = set()
 
 
-def report(message):
+def report(message: str) -> None:
     """One line on stderr, once per distinct message; never raises."""
     if message in _reported:
         return
@@ -39,7 +47,7 @@ def report(message):
         pass
 
 
-def requested(environ=None):
+def requested(environ: Mapping[str, str] | None = None) -> bool:
     """Whether start-up activation is asked for: ``BUFFERFIX_AUTO`` true, ``-E``/``-I`` not given,
     ``BUFFERFIX_DISABLE`` not true.  An invalid ``BUFFERFIX_AUTO`` warns once and means no."""
     if sys.flags.ignore_environment and environ is None:
@@ -59,7 +67,8 @@ class TorchImportTrigger:
     _bufferfix_trigger = True  # how install() recognises a trigger, whichever copy of this module made it
     _searching = False
 
-    def find_spec(self, fullname, path=None, target=None):
+    def find_spec(self, fullname: str, path: Sequence[str] | None = None,
+                  target: ModuleType | None = None) -> ModuleSpec | None:
         if fullname == "bufferfix":
             uninstall()  # the program imports bufferfix itself: its own enable() takes over
             return _find_again(fullname)
@@ -79,14 +88,14 @@ class TorchImportTrigger:
         # the import system started going through it: search again so that it is consulted.
         return _find_again(fullname)
 
-    def invalidate_caches(self):
+    def invalidate_caches(self) -> None:
         pass
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "<bufferfix start-up trigger: enables bufferfix when torch is imported>"
 
 
-def _find_again(fullname):
+def _find_again(fullname: str) -> ModuleSpec | None:
     """The spec the import system finds for ``fullname`` (the trigger returning None for it).
 
     Removing an entry from ``sys.meta_path`` while the import system goes through it makes
@@ -101,7 +110,7 @@ def _find_again(fullname):
         return None
 
 
-def activate():
+def activate() -> bool:
     """Import bufferfix (its import enables it).  Returns whether it is enabled; never raises."""
     try:
         import bufferfix
@@ -122,11 +131,11 @@ def activate():
         return False
 
 
-def installed():
+def installed() -> bool:
     return any(getattr(finder, "_bufferfix_trigger", False) for finder in sys.meta_path)
 
 
-def install(environ=None):
+def install(environ: Mapping[str, str] | None = None) -> bool:
     """Arm start-up activation if :func:`requested`.  Idempotent; never raises.
 
     Returns True when armed (or enabled already, if torch was imported before).
@@ -145,7 +154,7 @@ def install(environ=None):
         return False
 
 
-def uninstall():
+def uninstall() -> None:
     """Remove every trigger (from any copy of this module) from ``sys.meta_path``."""
     try:
         sys.meta_path[:] = [finder for finder in sys.meta_path if not getattr(finder, "_bufferfix_trigger", False)]

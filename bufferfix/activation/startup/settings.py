@@ -22,8 +22,16 @@ Booleans accept ``1/true/yes/on`` and ``0/false/no/off`` (any case, spaces
 ignored); empty means unset.  An invalid value (an unknown integration name too)
 gives one line on stderr when bufferfix starts, and is ignored.
 """
+from __future__ import annotations
+
 import os
 import sys
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing on the start-up path
+if TYPE_CHECKING:
+    import logging as _logging
+    from collections.abc import Mapping
+    from types import ModuleType
 
 AUTO = "BUFFERFIX_AUTO"  # "1": activate at start-up (site hook), patching torch when it is imported
 DISABLE = "BUFFERFIX_DISABLE"  # "1": never patch anything, even on `import bufferfix`
@@ -34,10 +42,10 @@ DISABLED_INTEGRATIONS = "BUFFERFIX_DISABLED_INTEGRATIONS"  # "accelerate,transfo
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "warn": 30, "error": 40, "critical": 50, "fatal": 50}
-_already_complained = set()
+_already_complained: set[str] = set()
 
 
-def _complain(name, value, expected, default):
+def _complain(name: str, value: str | None, expected: str, default: str) -> None:
     if name not in _already_complained:
         _already_complained.add(name)
         try:
@@ -46,7 +54,7 @@ def _complain(name, value, expected, default):
             pass
 
 
-def flag(name, default=False, environ=None, warn=True):
+def flag(name: str, default: bool = False, environ: Mapping[str, str] | None = None, warn: bool = True) -> bool:
     """Read a boolean switch leniently; never raises.
 
     An unrecognised value warns once per variable on stderr (unless ``warn`` is false) and
@@ -65,7 +73,8 @@ def flag(name, default=False, environ=None, warn=True):
     return default
 
 
-def names(name, environ=None, known=None):
+def names(name: str, environ: Mapping[str, str] | None = None,
+          known: frozenset[str] | None = None) -> frozenset[str]:
     """A comma-separated list of names (``BUFFERFIX_DISABLED_INTEGRATIONS``), lower-cased; never raises.
 
     With ``known`` (the names that mean something), unknown ones warn once per variable on stderr,
@@ -89,7 +98,7 @@ def names(name, environ=None, known=None):
     return found & known
 
 
-def log_level(environ=None):
+def log_level(environ: Mapping[str, str] | None = None) -> int | None:
     """``BUFFERFIX_LOG_LEVEL`` as a ``logging`` level number, or None when unset, empty or invalid."""
     value = (os.environ if environ is None else environ).get(LOG_LEVEL)
     if value is None or not value.strip():
@@ -103,7 +112,7 @@ def log_level(environ=None):
     return None
 
 
-def configure_logging(environ=None):
+def configure_logging(environ: Mapping[str, str] | None = None) -> int | None:
     """Apply ``BUFFERFIX_LOG_LEVEL`` to the ``bufferfix`` logger; returns the level or None.
 
     Never raises; idempotent.  Besides setting the level it attaches one handler that
@@ -128,11 +137,12 @@ def configure_logging(environ=None):
     return level
 
 
-def _fallback_handler(logging):
-    class StderrWhileUnconfigured(logging.Handler):
+def _fallback_handler(logging: ModuleType) -> _logging.Handler:
+    # the base class is read off the logging module passed in (imported only once a level is set)
+    class StderrWhileUnconfigured(logging.Handler):  # type: ignore[name-defined]
         _bufferfix_fallback = True
 
-        def emit(self, record):
+        def emit(self, record: _logging.LogRecord) -> None:
             if logging.getLogger().handlers:  # the application configured logging: it decides
                 return
             try:
