@@ -6,7 +6,7 @@ In one process, the same work is timed with bufferfix disabled, fully enabled, a
 one piece switched off at a time, alternating round by round; the difference to "enabled" is
 what that piece costs.  Then the per-call cost of each bufferfix hook is timed directly.
 Pieces: the nn.Module.__new__ recording (``recording.constructor_hook``; its instruction counts are
-in the README's benchmark section) and, at materialisation,
+in benchmarks/README.md) and, at materialisation,
 ``Materialisation.__init__`` (plan), ``restore`` (of which ``recipes.forget_all`` and constructor
 replay).
 """

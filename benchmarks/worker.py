@@ -83,11 +83,11 @@ if ENABLED:
 
     _original_replay = _recipes._replay_uncached
 
-    def _counting_replay(recipe):
+    def _counting_replay(recipe, **kwargs):
         COUNTERS["replays"] += 1
-        result = _original_replay(recipe)
-        if isinstance(result, tuple):
-            _REPLAYED.append(weakref.ref(result[0]))
+        result = _original_replay(recipe, **kwargs)
+        if isinstance(result, _recipes.Replayed):
+            _REPLAYED.extend(weakref.ref(module) for module in (result.module, *result.others))
         return result
 
     _recipes._replay_uncached = _counting_replay
