@@ -38,7 +38,7 @@ def constructor_hook(switch, unrecorded_classes):
 
     Every module of every model is constructed through it, on meta or not (a 70B model: a
     thousand modules in ~70 ms), so it is one flat function with its lookups bound in advance
-    (the README's benchmark section gives what it costs, and where).  It records while
+    (benchmarks/README.md gives what it costs, and where).  It records while
     ``switch.active`` is true, never for ``unrecorded_classes`` (see :func:`torch_nn_own_classes`),
     never in a replay, and when the module is born (partly) on meta:
 
