@@ -9,19 +9,26 @@ accelerate then moves them like any other buffer.
 ``from accelerate import dispatch_model`` binds the function in several modules; each
 binding that still holds accelerate's original is wrapped, and only those are unwrapped.
 """
-import logging
+from __future__ import annotations
 
-from .base import Integration, Wrap, await_loading_end, contained, report
+import logging
+from typing import Any
+
+from .base import Integration, Wrap, Wrapped, WrapperArgs, WrapperKwargs, await_loading_end, contained, report
 
 logger = logging.getLogger("bufferfix")
 
-def _materialise_meta_buffers_first(wrapped, instance, args, kwargs):
+def _materialise_meta_buffers_first(wrapped: Wrapped, instance: None, args: WrapperArgs,
+                                    kwargs: WrapperKwargs) -> Any:
     from ..mechanism.restore import materialise_meta_buffers
 
     model = args[0] if args else kwargs.get("model")
     if INTEGRATION.active and model is not None:
-        contained(lambda: (report(materialise_meta_buffers(model), ()), await_loading_end()),
-                  "materialising meta buffers for accelerate")
+        def materialise() -> None:
+            report(materialise_meta_buffers(model), ())
+            await_loading_end()
+
+        contained(materialise, "materialising meta buffers for accelerate")
     return wrapped(*args, **kwargs)
 
 

@@ -26,22 +26,42 @@ Two guards keep a user's call the user's own:
   after, and when the call raises, restore what it had materialised and let the user's
   exception go on unchanged (same object, same traceback).
 """
+from __future__ import annotations
+
 import atexit
 import dataclasses
 import importlib
 import logging
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from types import ModuleType, TracebackType
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import wrapt
 
 from .. import errors, reporting
 from ..recovery import Reason
 
+if TYPE_CHECKING:
+    import torch
+
+    from ..mechanism.deferral import DeferredRestore
+    from ..mechanism.recompute import RecomputeFunction
+    from ..mechanism.restore import Materialisation
+    from ..recovery import Recovery
+
 # Integration modules are imported before their targets (the registry reads their declarations):
 # torch and the mechanism are imported where they are used, once the target (and torch) is.
 
 logger = logging.getLogger("bufferfix")
+
+# A wrapt function wrapper is called as wrapper(wrapped, instance, args, kwargs): the original callable, the
+# object it was looked up on (None for a plain function) and the call's arguments; it returns the call's
+# result.  Those are whatever the wrapped function of torch or of a library takes and gives: Any, here only.
+Wrapped = Callable[..., Any]
+WrapperArgs = tuple[Any, ...]
+WrapperKwargs = dict[str, Any]
+Wrapper = Callable[[Wrapped, Any, WrapperArgs, WrapperKwargs], Any]
+_Result = TypeVar("_Result")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +72,7 @@ class Wrap:
 
     where: str
     dotted: str
-    wrapper: Callable[..., Any]
+    wrapper: Wrapper
     also_in: tuple[str, ...] = ()
 
 
@@ -62,7 +82,7 @@ class Recompute:
 
     where: str
     dotted: str
-    function: Callable[[Any], Any]
+    function: RecomputeFunction
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,12 +121,12 @@ class Integration:
     patches = ""  # what it patches, for logs (default: the target)
     declarations: tuple[Declaration, ...] = ()
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.active = False
-        self._wraps = []  # (owner, attribute, wrapt handle)
-        self._undo = []  # callables undoing what a declaration did besides wrapping
+        self._wraps: list[tuple[object, str, Any]] = []  # (owner, attribute, wrapt handle: wrapt has no types)
+        self._undo: list[Callable[[], object]] = []  # callables undoing what a declaration did besides wrapping
 
-    def instrument(self, module):
+    def instrument(self, module: ModuleType) -> None:
         """Patch ``module`` (the imported target).  Idempotent; a partial failure is undone."""
         if self.active:
             return
@@ -120,7 +140,7 @@ class Integration:
             raise
         logger.debug("bufferfix: %s instrumented", self.patches or self.target)
 
-    def uninstrument(self):
+    def uninstrument(self) -> None:
         if not self.active:
             return
         self.active = False
@@ -132,14 +152,14 @@ class Integration:
             self._unwrap_all()
         logger.debug("bufferfix: %s uninstrumented", self.patches or self.target)
 
-    def _instrument(self, module):
+    def _instrument(self, module: ModuleType) -> None:
         """What is not declared as data (nothing, for most integrations)."""
 
-    def _uninstrument(self):
+    def _uninstrument(self) -> None:
         """Undo what ``_instrument`` did besides :meth:`wrap` (those are undone for it)."""
 
     # ------------------------------------------------------------------ declarations
-    def _apply(self, declaration):
+    def _apply(self, declaration: Declaration) -> None:
         from ..mechanism import deferral, recompute
 
         if isinstance(declaration, ExpectBuffers):
@@ -147,11 +167,12 @@ class Integration:
             self._undo.append(lambda: recompute.forget_expectation(declaration.predicate))
             return
         owner = self._module(declaration.where)
-        if owner is not None and isinstance(declaration, Overwriting):
-            functions = {getattr(owner, name) for name in declaration.names if self.require(owner, name)}
-            functions -= deferral.overwriting  # only what this declaration adds is taken back
-            deferral.overwriting.update(functions)
-            self._undo.append(lambda: deferral.overwriting.difference_update(functions))
+        if isinstance(declaration, Overwriting):
+            if owner is not None:
+                functions = {getattr(owner, name) for name in declaration.names if self.require(owner, name)}
+                functions -= deferral.overwriting  # only what this declaration adds is taken back
+                deferral.overwriting.update(functions)
+                self._undo.append(lambda: deferral.overwriting.difference_update(functions))
             return
         if owner is None or not self.require(owner, declaration.dotted):
             return
@@ -162,13 +183,17 @@ class Integration:
         if isinstance(declaration, Recompute):
             if recompute.registered_recompute(cls) is None:  # the user's own comes first
                 recompute.register_recompute(cls, declaration.function)
-                self._undo.append(lambda: recompute.registered_recompute(cls) is declaration.function
-                                  and recompute.unregister_recompute(cls))
+
+                def unregister() -> None:
+                    if recompute.registered_recompute(cls) is declaration.function:
+                        recompute.unregister_recompute(cls)
+
+                self._undo.append(unregister)
         else:
             recompute.declare_unrecoverable(cls, declaration.attributes, declaration.reason)
             self._undo.append(lambda: recompute.undeclare_unrecoverable(cls))
 
-    def _apply_wrap(self, owner, declaration):
+    def _apply_wrap(self, owner: ModuleType, declaration: Wrap) -> None:
         holder_path, _, attribute = declaration.dotted.rpartition(".")
         holder = _resolve(owner, holder_path) if holder_path else owner
         original = getattr(holder, attribute)
@@ -178,7 +203,7 @@ class Integration:
             if other is not None and getattr(other, attribute, None) is original:
                 self.wrap(other, attribute, declaration.wrapper)
 
-    def _module(self, name):
+    def _module(self, name: str) -> ModuleType | None:
         try:
             return importlib.import_module(name)  # a module of the library, whose target is imported
         except ImportError:
@@ -186,11 +211,11 @@ class Integration:
             return None
 
     # ------------------------------------------------------------------ helpers
-    def wrap(self, owner, attribute, wrapper):
+    def wrap(self, owner: object, attribute: str, wrapper: Wrapper) -> None:
         """``wrapt.wrap_function_wrapper(owner, attribute, wrapper)``, recorded for :meth:`uninstrument`."""
         self._wraps.append((owner, attribute, wrapt.wrap_function_wrapper(owner, attribute, wrapper)))
 
-    def _unwrap_all(self):
+    def _unwrap_all(self) -> None:
         while self._wraps:
             owner, attribute, handle = self._wraps.pop()
             try:
@@ -199,7 +224,7 @@ class Integration:
                 logger.warning("bufferfix: left an inert wrapper on %s.%s (%s)",
                                getattr(owner, "__name__", owner), attribute, error)
 
-    def require(self, owner, dotted):
+    def require(self, owner: object, dotted: str) -> bool:
         """Does ``owner`` have the attribute path ``dotted`` (``"Class.method"``)?  Logs and says
         False when it does not: that entry point is then not patched."""
         value = owner
@@ -212,20 +237,21 @@ class Integration:
         return True
 
 
-def _resolve(owner, dotted):
+def _resolve(owner: Any, dotted: str) -> Any:
+    """``owner.<dotted>``: a library's class or function, whatever it is (Any)."""
     for part in dotted.split("."):
         owner = getattr(owner, part)
     return owner
 
 
-def _version_of(module):
+def _version_of(module: object) -> object:
     import sys
 
     top = sys.modules.get(getattr(module, "__name__", "").split(".")[0])
     return getattr(top, "__version__", "?")
 
 
-def contained(action, what, user_error=False):
+def contained(action: Callable[[], _Result], what: str, user_error: bool = False) -> _Result | None:
     """Run bufferfix's own bookkeeping; an internal failure must never break the user's call.
 
     ``user_error``: the user's call is raising already; then strict mode's
@@ -253,34 +279,39 @@ class Restoring:
     give are held back and left in ``deferred`` (see :mod:`bufferfix.mechanism.deferral`).
     """
 
-    def __init__(self, model, recurse=True, device=None, defer_replays=False):
+    def __init__(self, model: torch.nn.Module, recurse: bool = True, device: torch.device | None = None,
+                 defer_replays: bool = False) -> None:
         self.model, self.recurse, self.device, self.defer_replays = model, recurse, device, defer_replays
-        self.plan = self.deferred = None
+        self.plan: Materialisation | None = None
+        self.deferred: DeferredRestore | None = None
 
-    def __enter__(self):
+    def __enter__(self) -> Restoring:
         from ..mechanism.restore import Materialisation
 
         self.plan = contained(lambda: Materialisation(self.model, self.recurse), "planning buffer restoration")
         return self
 
-    def __exit__(self, kind, error, traceback):
-        if self.plan is None:
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> Literal[False]:
+        plan = self.plan
+        if plan is None:
             return False
         if kind is None:
             self.deferred = contained(self._restore, "restoring non-persistent buffers")
         else:
-            contained(lambda: report(self.plan, self.plan.restore_after_error(self.device)),
+            contained(lambda: report(plan, plan.restore_after_error(self.device)),
                       "restoring non-persistent buffers after %s" % kind.__name__, user_error=True)
         return False
 
-    def _restore(self):
+    def _restore(self) -> DeferredRestore | None:
+        assert self.plan is not None  # __exit__ restores only what it planned
         deferred, _ = self.plan.restore(self.device, defer_replays=self.defer_replays)
         report(self.plan, ())
         await_loading_end()
         return deferred
 
 
-def report(plan, failures):
+def report(plan: Materialisation, failures: Sequence[Recovery]) -> None:
     """What a restore did, for the user: each value filled at debug level, the lost ones loudly."""
     for recovery in plan.recovered:
         logger.debug("bufferfix: %s", reporting.describe(recovery))
@@ -291,11 +322,11 @@ def report(plan, failures):
 
 # --------------------------------------------------------------------------- when loading ends
 
-_forward_hook = None
+_forward_hook: torch.utils.hooks.RemovableHandle | None = None
 _exit_hook_registered = False
 
 
-def await_loading_end():
+def await_loading_end() -> None:
     """Values a materialisation could not recover wait for their verdict until loading ends: the
     end of a ``load_state_dict`` or of a library's own loading (transformers' ``from_pretrained``),
     or the first forward of any module (a forward pre-hook that takes itself off: nothing stays on
@@ -316,11 +347,11 @@ def await_loading_end():
         _exit_hook_registered = True
 
 
-def _first_forward(module, args):
+def _first_forward(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
     loading_ended()
 
 
-def loading_ended():
+def loading_ended() -> None:
     """Give the verdicts held since materialisation: named loudly, unless rewritten since."""
     global _forward_hook
     from ..mechanism import restore

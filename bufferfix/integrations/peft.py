@@ -21,18 +21,31 @@ OSF's, PSOFT's and TrainableTokens' buffers are computed from the base layer's p
 the adapter is made (an SVD, a copy of embedding rows): on a meta base nothing can give them, and they
 are declared unrecoverable with :attr:`~bufferfix.recovery.Reason.FROM_PRETRAINED_WEIGHT`.
 """
+from __future__ import annotations
+
 import inspect
 import logging
 import types
 import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from ..recovery import Reason
-from .base import Integration, Recompute, Unrecoverable, Wrap, contained
+from .base import Integration, Recompute, Unrecoverable, Wrap, Wrapped, WrapperArgs, WrapperKwargs, contained
+
+if TYPE_CHECKING:
+    import torch
+    from peft import PeftModel
+    from peft.tuners._buffer_dict import BufferDict
+    from peft.tuners.tuners_utils import BaseTuner
+    from peft.tuners.unilora.layer import UniLoraLayer
+
+    from ..mechanism.snapshots import MoveToMeta
 
 logger = logging.getLogger("bufferfix")
 
 # id(BufferDict) -> (weakref to it, {adapter name: its value as a normal build computes it})
-_projections = {}
+_projections: dict[int, tuple[weakref.ref[BufferDict], dict[str, torch.Tensor]]] = {}
 
 # Tuner layers whose buffers (under these attributes) are computed from the base layer's pretrained weight
 FROM_PRETRAINED_WEIGHT = (
@@ -47,11 +60,11 @@ class _StandIn:
     """The tuner model while its ``_pre_injection_hook`` re-runs: reads go to the tuner, methods are
     bound to the stand-in, attribute writes stay here."""
 
-    def __init__(self, real):
+    def __init__(self, real: BaseTuner) -> None:
         object.__setattr__(self, "_real", real)
         object.__setattr__(self, "_written", {})
 
-    def __getattr__(self, name):
+    def __getattr__(self, name: str) -> Any:  # whatever the tuner's attribute is
         written = object.__getattribute__(self, "_written")
         if name in written:
             return written[name]
@@ -61,17 +74,17 @@ class _StandIn:
             return types.MethodType(function, self)
         return getattr(real, name)  # attributes, static and class methods, properties: the tuner's
 
-    def __setattr__(self, name, value):
+    def __setattr__(self, name: str, value: object) -> None:
         object.__getattribute__(self, "_written")[name] = value
 
 
-def _inject_adapter(wrapped, instance, args, kwargs):
+def _inject_adapter(wrapped: Wrapped, instance: BaseTuner, args: WrapperArgs, kwargs: WrapperKwargs) -> Any:
     if INTEGRATION.active:  # BaseTuner.__init__ has just run _pre_injection_hook; nothing is injected yet
         contained(lambda: _remember_projections(instance), "noting PEFT's projections")
     return wrapped(*args, **kwargs)
 
 
-def _on_meta(tuner):
+def _on_meta(tuner: BaseTuner) -> bool:
     from peft.tuners._buffer_dict import BufferDict
 
     if any(parameter.is_meta for parameter in tuner.model.parameters()):
@@ -80,7 +93,7 @@ def _on_meta(tuner):
                for tensor in module.values())
 
 
-def _remember_projections(tuner):
+def _remember_projections(tuner: BaseTuner) -> None:
     """On a model on meta (or whose projections are), compute the projections the hook would give
     on CPU now, while the model is as the hook saw it (VeRA's ``_find_dim`` needs the layers not yet
     replaced by tuner layers), and keep them until the BufferDict dies or is materialised."""
@@ -92,13 +105,14 @@ def _remember_projections(tuner):
     held = {attribute: module for attribute, module in tuner._modules.items() if isinstance(module, BufferDict)}
     if not held or not _on_meta(tuner):
         return
-    values = {attribute: {} for attribute in held}
+    values: dict[str, dict[str, torch.Tensor]] = {attribute: {} for attribute in held}
     for adapter, config in tuner.peft_config.items():
         if not any(adapter in module for module in held.values()):
             continue
         stand_in = _StandIn(tuner)
         with torch.random.fork_rng(devices=[]), torch.device("cpu"), torch.no_grad():
-            type(tuner)._pre_injection_hook(stand_in, tuner.model, config, adapter)
+            # the stand-in takes the tuner's place (duck-typed): it is the point
+            type(tuner)._pre_injection_hook(stand_in, tuner.model, config, adapter)  # type: ignore[arg-type]
         written = object.__getattribute__(stand_in, "_written")
         for attribute in held:
             made = written.get(attribute)
@@ -108,7 +122,7 @@ def _remember_projections(tuner):
         _projections[id(module)] = (weakref.ref(module), values[attribute])
 
 
-def _recompute_projections(buffer_dict):
+def _recompute_projections(buffer_dict: BufferDict) -> dict[str, torch.Tensor]:
     """``{adapter name: tensor}`` for a BufferDict a tuner's ``_pre_injection_hook`` filled."""
     entry = _projections.get(id(buffer_dict))
     if entry is None or entry[0]() is not buffer_dict:
@@ -116,7 +130,8 @@ def _recompute_projections(buffer_dict):
     return dict(entry[1])
 
 
-def _update_scaling(wrapped, instance, args, kwargs):
+# instance: a UniLoRA layer, a torch.nn.Module that is also peft's UniLoraLayer (no one class says both)
+def _update_scaling(wrapped: Wrapped, instance: Any, args: WrapperArgs, kwargs: WrapperKwargs) -> Any:
     """UniLoRA assigns its seeded indices and scales after injection, then moves them to the base
     layer's device itself (tensor ``.to``): on a meta base, the values it moved are kept as snapshots."""
     from ..mechanism import snapshots
@@ -130,7 +145,7 @@ def _update_scaling(wrapped, instance, args, kwargs):
     return result
 
 
-def _move_adapter(wrapped, instance, args, kwargs):
+def _move_adapter(wrapped: Wrapped, instance: torch.nn.Module, args: WrapperArgs, kwargs: WrapperKwargs) -> Any:
     """UniLoRA moves its indices and scales to the base layer's device with tensor ``.to``: real ones
     it moves to meta are kept as snapshots."""
     from ..mechanism import snapshots
@@ -144,7 +159,8 @@ def _move_adapter(wrapped, instance, args, kwargs):
     return result
 
 
-def _keep_moved_scales(layer, move, adapter_name, unilora_scales_A, unilora_scales_B):
+def _keep_moved_scales(layer: UniLoraLayer, move: MoveToMeta, adapter_name: str, unilora_scales_A: object,
+                       unilora_scales_B: object) -> None:
     import torch
 
     from ..mechanism import snapshots
@@ -156,18 +172,20 @@ def _keep_moved_scales(layer, move, adapter_name, unilora_scales_A, unilora_scal
             snapshots.remember(live, value)
 
 
-def _recompute_prompt_tokens(peft_model):
+def _recompute_prompt_tokens(peft_model: PeftModel) -> dict[str, torch.Tensor]:
     import torch
 
+    # Any: the prompt-learning configs the condition keeps have fields that PeftConfig lacks
+    configs: dict[str, Any] = peft_model.peft_config
     return {"prompt_tokens[%r]" % name: torch.arange(config.num_virtual_tokens * config.num_transformer_submodules).long()
-            for name, config in peft_model.peft_config.items()
+            for name, config in configs.items()
             if getattr(config, "is_prompt_learning", False) and getattr(config, "num_transformer_submodules", None)}
 
 
-def _seeded_indices(indices, seeds, counts):
+def _seeded_indices(indices: str, seeds: str, counts: str) -> Callable[[Any], dict[str, torch.Tensor]]:
     """FourierFT's / WaveFT's ``indices``: ``randperm`` from each adapter's own seeded generator,
     as (row, column) pairs (what their ``update_layer`` computes)."""
-    def recompute(layer):
+    def recompute(layer: Any) -> dict[str, torch.Tensor]:  # a FourierFTLayer or WaveFTLayer, read by name
         import torch
 
         found = {}

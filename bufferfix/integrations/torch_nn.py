@@ -8,10 +8,29 @@
 * ``Module.__deepcopy__``: a deep copy keeps the recipes and snapshots of the original.
 * ``DeviceContext.__init__`` (``with torch.device(...)``): counted, see recording.meta_is_default_device.
 """
+from __future__ import annotations
+
 import logging
 import threading
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
-from .base import Integration, Restoring, Wrap, await_loading_end, contained, loading_ended, report
+from .base import (
+    Integration,
+    Restoring,
+    Wrap,
+    Wrapped,
+    WrapperArgs,
+    WrapperKwargs,
+    await_loading_end,
+    contained,
+    loading_ended,
+    report,
+)
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 # This module is imported before torch (the registry reads its target): torch and the mechanism are
 # imported where they are used, all of it after torch itself.
@@ -21,13 +40,13 @@ logger = logging.getLogger("bufferfix")
 _local = threading.local()
 
 
-def _device_of(device):
+def _device_of(device: torch.device | str | int | None) -> torch.device | None:
     import torch
 
     return None if device is None else torch.device(device)
 
 
-def _to_empty(wrapped, instance, args, kwargs):
+def _to_empty(wrapped: Wrapped, instance: nn.Module, args: WrapperArgs, kwargs: WrapperKwargs) -> Any:
     if not INTEGRATION.active or getattr(_local, "busy", False):
         return wrapped(*args, **kwargs)  # an override calling super().to_empty: the outer call handles it
     device = _device_of(kwargs.get("device"))
@@ -42,7 +61,7 @@ def _to_empty(wrapped, instance, args, kwargs):
         _local.busy = False
 
 
-def _to(wrapped, instance, args, kwargs):
+def _to(wrapped: Wrapped, instance: nn.Module, args: WrapperArgs, kwargs: WrapperKwargs) -> Any:
     from ..mechanism import compat
 
     try:
@@ -54,7 +73,7 @@ def _to(wrapped, instance, args, kwargs):
     return _moving_to_meta(wrapped, instance, args, kwargs)
 
 
-def _load_state_dict(wrapped, instance, args, kwargs):
+def _load_state_dict(wrapped: Wrapped, instance: nn.Module, args: WrapperArgs, kwargs: WrapperKwargs) -> Any:
     """The end of a ``load_state_dict`` is the end of loading: the verdicts held since
     materialisation are given (see base.await_loading_end), also when the load raised.
 
@@ -79,7 +98,7 @@ def _load_state_dict(wrapped, instance, args, kwargs):
     return result
 
 
-def _materialise_left_on_meta(model):
+def _materialise_left_on_meta(model: nn.Module) -> None:
     """The device the loaded tensors landed on, else that of any real tensor of the model, else
     the CPU (a module holding only non-persistent buffers loads an empty state dict)."""
     import torch
@@ -95,7 +114,8 @@ def _materialise_left_on_meta(model):
     await_loading_end()
 
 
-def _moving_to_meta(wrapped, instance, args, kwargs, recurse=True):
+def _moving_to_meta(wrapped: Wrapped, instance: nn.Module, args: WrapperArgs, kwargs: WrapperKwargs,
+                    recurse: bool = True) -> Any:
     """Snapshot real non-persistent buffers before a move to meta; record them after it, also
     when the move raised part of the way through (what it moved keeps its snapshot)."""
     from ..mechanism import restore, snapshots
@@ -109,14 +129,14 @@ def _moving_to_meta(wrapped, instance, args, kwargs, recurse=True):
             contained(move.after, "snapshotting buffers", user_error=True)
 
 
-def _device_context_made(wrapped, instance, args, kwargs):
+def _device_context_made(wrapped: Wrapped, instance: object, args: WrapperArgs, kwargs: WrapperKwargs) -> Any:
     from ..mechanism import recording
 
     recording.device_context_made()
     return wrapped(*args, **kwargs)
 
 
-def _deepcopy(self, memo):
+def _deepcopy(self: nn.Module, memo: dict[int, Any]) -> nn.Module:
     """``copy.deepcopy`` exactly as without this hook, then carry recipes/snapshots over."""
     from ..mechanism import compat, recording, snapshots
 
@@ -134,7 +154,7 @@ def _deepcopy(self, memo):
     return duplicate
 
 
-def _carry_over(original, memo):
+def _carry_over(original: nn.Module, memo: dict[int, Any]) -> None:
     from ..mechanism import recipes, recording, snapshots
 
     for module in original.modules():
@@ -150,7 +170,7 @@ def _carry_over(original, memo):
                 recording.follow_tensor_copy(tensor, copied)
 
 
-def _init_subclass(cls, **kwargs):
+def _init_subclass(cls: type[nn.Module], **kwargs: Any) -> None:
     """``nn.Module.__init_subclass__``: a class made from one of torch.nn's leaf classes
     (``class MyNorm(nn.LayerNorm)``) would inherit their C constructor: it gets the recording
     ``__new__`` (see recording.keep_c_constructor)."""
@@ -164,7 +184,7 @@ def _init_subclass(cls, **kwargs):
         contained(lambda: setattr(cls, "__new__", hook), "hooking the constructor of %s" % cls.__qualname__)
 
 
-def _is_ours(candidate, name):
+def _is_ours(candidate: object, name: str) -> bool:
     """Is this one of our hooks, possibly from an earlier import of this module (importlib.reload)?"""
     function = getattr(candidate, "__func__", candidate)
     return getattr(function, "__name__", None) == name and getattr(function, "__module__", None) == __name__
@@ -175,10 +195,10 @@ class TorchNN(Integration):
     target = "torch"
     patches = "torch.nn.Module"
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
-        self.unrecorded_classes = frozenset()  # see recording.torch_nn_own_classes
-        self._buffer_hook = None  # see recording.buffer_registered
+        self.unrecorded_classes: frozenset[type[nn.Module]] = frozenset()  # see recording.torch_nn_own_classes
+        self._buffer_hook: torch.utils.hooks.RemovableHandle | None = None  # see recording.buffer_registered
 
     declarations = (
         Wrap("torch.nn", "Module.to_empty", _to_empty),
@@ -186,7 +206,7 @@ class TorchNN(Integration):
         Wrap("torch.nn", "Module.load_state_dict", _load_state_dict),
     )
 
-    def _instrument(self, module):
+    def _instrument(self, module: ModuleType) -> None:
         from torch import nn
 
         from ..mechanism import compat, recording
@@ -200,14 +220,14 @@ class TorchNN(Integration):
             if current_new is None:  # while their C slot is still object.__new__'s: see keep_c_constructor
                 recording.keep_c_constructor(self.unrecorded_classes)
             hook = staticmethod(recording.constructor_hook(self, self.unrecorded_classes))
-            nn.Module.__new__ = hook
+            nn.Module.__new__ = hook  # type: ignore[method-assign]  # patching torch's class is the point
             recording.hook_subclasses_of(self.unrecorded_classes, hook)
-            nn.Module.__init_subclass__ = classmethod(_init_subclass)
+            nn.Module.__init_subclass__ = classmethod(_init_subclass)  # type: ignore[method-assign, assignment]  # as __new__
         else:
             logger.warning("bufferfix: nn.Module.__new__ is already %r; constructors built on meta will not be "
                            "recorded, so their buffers cannot be recomputed", current_new)
         if "__deepcopy__" not in nn.Module.__dict__ or _is_ours(nn.Module.__dict__["__deepcopy__"], "_deepcopy"):
-            nn.Module.__deepcopy__ = _deepcopy
+            nn.Module.__deepcopy__ = _deepcopy  # type: ignore[attr-defined]  # torch's Module has none of its own
         # Each `with torch.device(...)` makes a DeviceContext (called from C++): what recording kept
         # about the default device may be stale then, and after any time spent switched off.
         self.wrap(compat.DeviceContext, "__init__", _device_context_made)
@@ -215,7 +235,7 @@ class TorchNN(Integration):
         self._buffer_hook = nn.modules.module.register_module_buffer_registration_hook(
             recording.buffer_registered)
 
-    def _uninstrument(self):
+    def _uninstrument(self) -> None:
         from torch import nn
 
         from ..mechanism import recording
@@ -229,7 +249,7 @@ class TorchNN(Integration):
         if _is_ours(nn.Module.__dict__.get("__init_subclass__"), "_init_subclass"):
             del nn.Module.__init_subclass__  # classes made while off are hooked at the next enable
         if _is_ours(nn.Module.__dict__.get("__deepcopy__"), "_deepcopy"):
-            del nn.Module.__deepcopy__
+            del nn.Module.__deepcopy__  # type: ignore[attr-defined]  # ours, set in _instrument
 
 
 INTEGRATION = TorchNN()

@@ -9,7 +9,7 @@ materialised module lacks, registered as the normal build registers them.
 from .base import ExpectBuffers, Integration
 
 
-def rope_module(cls):
+def rope_module(cls: type) -> bool:
     """A torchtune module class whose buffers come from ``rope_init()``."""
     return cls.__module__.startswith("torchtune.") and callable(getattr(cls, "rope_init", None))
 

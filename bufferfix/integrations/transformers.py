@@ -23,10 +23,31 @@ transformers 4.x keeps buffers real while loading (``init_empty_weights``
 without buffers), so it has no such entry point; its meta flows go through
 ``Module.to_empty`` / ``Module.to``, which the torch integration covers.
 """
+from __future__ import annotations
+
 import logging
 import threading
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
-from .base import Integration, Overwriting, Restoring, Wrap, contained, loading_ended, report
+from .base import (
+    Integration,
+    Overwriting,
+    Restoring,
+    Wrap,
+    Wrapped,
+    WrapperArgs,
+    WrapperKwargs,
+    contained,
+    loading_ended,
+    report,
+)
+
+if TYPE_CHECKING:
+    from torch import nn
+    from transformers import PreTrainedModel
+
+    from ..mechanism.deferral import DeferredRestore
 
 logger = logging.getLogger("bufferfix")
 
@@ -36,13 +57,14 @@ _FINALISE = "PreTrainedModel._finalize_model_loading"
 _local = threading.local()  # id(model) -> DeferredRestore, for the load running in this thread
 
 
-def _pending():
+def _pending() -> dict[int, DeferredRestore]:
     if not hasattr(_local, "pending"):
         _local.pending = {}
     return _local.pending
 
 
-def _move_missing_keys_from_meta_to_device(wrapped, instance, args, kwargs):
+def _move_missing_keys_from_meta_to_device(wrapped: Wrapped, instance: PreTrainedModel, args: WrapperArgs,
+                                           kwargs: WrapperKwargs) -> Any:
     if not INTEGRATION.active:
         return wrapped(*args, **kwargs)
     restoring = Restoring(instance, defer_replays=INTEGRATION.deferring)
@@ -53,7 +75,8 @@ def _move_missing_keys_from_meta_to_device(wrapped, instance, args, kwargs):
     return result
 
 
-def _initialize_missing_keys(wrapped, instance, args, kwargs):
+def _initialize_missing_keys(wrapped: Wrapped, instance: PreTrainedModel, args: WrapperArgs,
+                             kwargs: WrapperKwargs) -> Any:
     deferred = _pending().get(id(instance))
     if deferred is None:
         return wrapped(*args, **kwargs)
@@ -67,7 +90,8 @@ def _initialize_missing_keys(wrapped, instance, args, kwargs):
         _finish(instance)
 
 
-def _finalize_model_loading(wrapped, instance, args, kwargs):
+def _finalize_model_loading(wrapped: Wrapped, instance: PreTrainedModel, args: WrapperArgs,
+                            kwargs: WrapperKwargs) -> Any:
     """The outer boundary: whatever is still held back when loading ends is filled now."""
     model = args[0] if args else kwargs.get("model")
     try:
@@ -77,10 +101,14 @@ def _finalize_model_loading(wrapped, instance, args, kwargs):
             _finish(model)
 
 
-def _finish(model):
+def _finish(model: nn.Module) -> None:
     deferred = _pending().pop(id(model), None)
     if deferred is not None:
-        contained(lambda: (deferred.finish(), report(deferred.plan, ())), "restoring non-persistent buffers")
+        def finish() -> None:
+            deferred.finish()
+            report(deferred.plan, ())
+
+        contained(finish, "restoring non-persistent buffers")
     contained(loading_ended, "giving the verdicts when loading ends")
 
 
@@ -96,19 +124,19 @@ class Transformers(Integration):
                     ("normal_", "uniform_", "trunc_normal_", "zeros_", "ones_", "constant_", "copy_")),
     )
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         self.deferring = False  # all three entry points exist
 
-    def _instrument(self, modeling_utils):
+    def _instrument(self, modeling_utils: ModuleType) -> None:
         self.deferring = all(_has(modeling_utils, dotted) for dotted in (_MOVE, _INITIALISE, _FINALISE))
         logger.debug("bufferfix: transformers: replays deferred past _init_weights: %s", self.deferring)
 
-    def _uninstrument(self):
+    def _uninstrument(self) -> None:
         self.deferring = False
 
 
-def _has(module, dotted):
+def _has(module: ModuleType, dotted: str) -> bool:
     owner, _, name = dotted.partition(".")
     return hasattr(getattr(module, owner, None), name)
 
