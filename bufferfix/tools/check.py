@@ -32,11 +32,15 @@ import importlib
 import sys
 import tempfile
 import warnings
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from ..recovery import Recovery
 from .errors import one_line
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel
 
 FROM_PRETRAINED = "save_pretrained → from_pretrained"
 
@@ -50,7 +54,8 @@ FLOW_NAMES = {
 }
 
 # Flows that need a package bufferfix does not install: flow key -> module.
-_NEEDS = {"init_empty_weights": "accelerate", "init_empty_weights(include_buffers)": "accelerate"}
+_NEEDS: dict[str | None, str] = {  # None: save_pretrained -> from_pretrained, which needs nothing more
+    "init_empty_weights": "accelerate", "init_empty_weights(include_buffers)": "accelerate"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +145,7 @@ class Measurement:
     random: list[str]  # tensors two normal builds with different seeds disagree on (measured on request)
 
 
-def _fresh_build(build, seed):
+def _fresh_build(build: Callable[[], torch.nn.Module], seed: int) -> torch.nn.Module:
     """``build()`` with the RNG seeded: a random buffer is then the same in the reference and in a
     flow's build (the ``.to('meta')`` flow can give it back from a snapshot)."""
     import torch
@@ -149,7 +154,7 @@ def _fresh_build(build, seed):
     return build()
 
 
-def _missing_package(flow):
+def _missing_package(flow: str | None) -> str | None:
     module = _NEEDS.get(flow)
     if module is None:
         return None
@@ -160,12 +165,14 @@ def _missing_package(flow):
     return None
 
 
-def _is_transformers_model(model):
+def _is_transformers_model(model: object) -> TypeGuard[PreTrainedModel]:
     transformers = sys.modules.get("transformers")
     return transformers is not None and isinstance(model, transformers.PreTrainedModel)
 
 
-def _from_pretrained(model_class, reference, directory=None):
+# reference: Any, since it is saved only where model_class applies: a transformers model then
+def _from_pretrained(model_class: type[PreTrainedModel], reference: Any, directory: str | None = None
+                     ) -> PreTrainedModel:
     import torch
 
     if directory is not None:
@@ -175,7 +182,7 @@ def _from_pretrained(model_class, reference, directory=None):
         return model_class.from_pretrained(saved, dtype=torch.get_default_dtype())
 
 
-def _bufferfix_warnings(caught, result):
+def _bufferfix_warnings(caught: list[warnings.WarningMessage], result: FlowResult) -> None:
     import bufferfix
 
     for warning in caught:
@@ -188,7 +195,7 @@ def _bufferfix_warnings(caught, result):
 
 
 @contextlib.contextmanager
-def _bufferfix(patched):
+def _bufferfix(patched: bool) -> Iterator[None]:
     """bufferfix on (``patched``) or off inside the block, as it was after."""
     import bufferfix
 
@@ -207,9 +214,9 @@ def _bufferfix(patched):
         bufferfix.disable()
 
 
-def measure(build: Callable[[], Any], *, patched: bool, model_class: type | None = None,
-            pretrained_dir: str | None = None, find_random: bool = False,
-            built: Callable[[Any], None] = lambda model: None) -> Measurement:
+def measure(build: Callable[[], torch.nn.Module], *, patched: bool,
+            model_class: type[PreTrainedModel] | None = None, pretrained_dir: str | None = None,
+            find_random: bool = False, built: Callable[[torch.nn.Module], object] = lambda model: None) -> Measurement:
     """Run every flow on ``build()`` with bufferfix on (``patched``) or off, in this interpreter.
 
     ``model_class``: a transformers class whose ``from_pretrained`` applies (default: the model's own
@@ -281,7 +288,7 @@ def problems(measurement: Measurement) -> list[Problem]:
     return found
 
 
-def check(build: Callable[[], Any], *, patched: bool = True) -> CheckReport:
+def check(build: Callable[[], torch.nn.Module], *, patched: bool = True) -> CheckReport:
     """The implementation of ``bufferfix.check`` (see there)."""
     measurement = measure(build, patched=patched)
     return CheckReport(

@@ -6,10 +6,14 @@ handles what every command shares: ``--version``, a one-line error with exit sta
 :class:`~bufferfix.tools.errors.UsageError` (a bad target, a missing package), and a quiet exit
 when stdout is a pipe closed early (``bufferfix doctor llama --json | head``).
 """
+from __future__ import annotations
+
 import argparse
 import importlib
 import os
 import sys
+from collections.abc import Callable, Sequence
+from types import ModuleType
 
 from .errors import UsageError
 
@@ -35,13 +39,13 @@ EXAMPLES = """\
                                                bufferfix on in every Python process of a command, no code change"""
 
 
-def version():
+def version() -> str:
     import bufferfix
 
     return "bufferfix %s" % bufferfix.__version__
 
 
-def program_name(argv0=None):
+def program_name(argv0: str | None = None) -> str:
     """``bufferfix`` as the console script, ``python -m bufferfix`` as a module: how the user ran it."""
     argv0 = sys.argv[0] if argv0 is None else argv0
     if os.path.basename(argv0) in ("__main__.py", "-m", "-c", ""):
@@ -49,14 +53,14 @@ def program_name(argv0=None):
     return os.path.basename(argv0)
 
 
-def _epilog():
+def _epilog() -> str:
     width = max(len(name) for name, _ in ENVIRONMENT) + 2
     return ("also:\n  bufferfix-run COMMAND...                     run COMMAND with bufferfix active in it and "
             "its children\n\nexamples:\n%s\n\nenvironment variables:\n%s\n\nEach command takes --help."
             % (EXAMPLES, "\n".join("  %-*s %s" % (width, name, text) for name, text in ENVIRONMENT)))
 
 
-def parser(prog=None):
+def parser(prog: str | None = None) -> argparse.ArgumentParser:
     """The whole command line (every tool's arguments under its subcommand)."""
     prog = prog or program_name()
     top = argparse.ArgumentParser(prog=prog, description=SUMMARY, epilog=_epilog(),
@@ -73,13 +77,13 @@ def parser(prog=None):
     return top
 
 
-def _launcher():
+def _launcher() -> ModuleType:
     from bufferfix.activation import launcher
 
     return launcher
 
 
-def _dispatch(argv, prog):
+def _dispatch(argv: list[str], prog: str | None) -> int:
     if argv[:1] == ["run"]:  # everything after it is the command to run, options included
         return _launcher().main(argv[1:])
     arguments = parser(prog).parse_args(argv)
@@ -93,7 +97,7 @@ def _dispatch(argv, prog):
         return 2
 
 
-def quiet_on_closed_pipe(function, *arguments):
+def quiet_on_closed_pipe(function: Callable[..., int], *arguments: object) -> int:
     """``function(*arguments)``, whose return value is the exit status; if stdout is a pipe that the
     reader closed (``| head``), exit 1 quietly instead of a BrokenPipeError traceback (the recipe in
     the CPython documentation of the ``signal`` module, "Note on SIGPIPE")."""
@@ -107,11 +111,11 @@ def quiet_on_closed_pipe(function, *arguments):
         return 1
 
 
-def main(argv=None, prog=None):
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """The ``bufferfix`` console script and ``python -m bufferfix``; returns the exit status."""
     return quiet_on_closed_pipe(_dispatch, list(sys.argv[1:] if argv is None else argv), prog)
 
 
-def run_tool(command, argv=None):
+def run_tool(command: str, argv: Sequence[str] | None = None) -> int:
     """One tool on its own (``python -m bufferfix.tools.doctor``: the tools' child interpreters)."""
     return main([command] + list(sys.argv[1:] if argv is None else argv), prog="bufferfix")

@@ -3,21 +3,25 @@
 Shared by the doctor and the test suite (``tests/compare.py`` builds its assertions on it).
 Imports torch.
 """
+from __future__ import annotations
+
+from collections.abc import Mapping
+
 import torch
 
 
-def bits(tensor):
+def bits(tensor: torch.Tensor) -> torch.Tensor:
     """The raw bytes of a tensor: NaN == NaN, and -0.0 != 0.0, unlike torch.equal."""
     return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
 
 
-def identical(a, b):
+def identical(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Same dtype, device, shape and bytes (and not on meta)."""
     return (a.dtype == b.dtype and a.device == b.device and a.shape == b.shape
             and not a.is_meta and torch.equal(bits(a), bits(b)))
 
 
-def difference(got, expected):
+def difference(got: torch.Tensor | None, expected: torch.Tensor) -> str:
     """What differs between ``got`` (None: missing) and ``expected``, in words: ``"still on meta"``,
     ``"dtype float16, a normal build has float32"``, ``"3 of 4 values differ (NaN: 3)"``..."""
     if got is None:
@@ -38,12 +42,12 @@ def difference(got, expected):
     return text
 
 
-def qualified(path, name):
+def qualified(path: str, name: str) -> str:
     """``"layers.0" + "inv_freq"`` -> ``"layers.0.inv_freq"`` (the root module's path is ``""``)."""
     return "%s.%s" % (path, name) if path else name
 
 
-def non_persistent_buffers(model):
+def non_persistent_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """``{qualified name: tensor}`` of every non-persistent buffer, shared ones under every name."""
     return {
         qualified(path, name): tensor
@@ -53,7 +57,7 @@ def non_persistent_buffers(model):
     }
 
 
-def tensor_attributes(model):
+def tensor_attributes(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """``{qualified name: tensor}`` of every plain tensor attribute (not a parameter, not a buffer)."""
     return {
         qualified(path, name): value
@@ -63,7 +67,7 @@ def tensor_attributes(model):
     }
 
 
-def unsaved_tensors(model):
+def unsaved_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """What a checkpoint does not hold: non-persistent buffers, then plain tensor attributes
     (transformers 4.x rotary ``original_inv_freq``)."""
     found = non_persistent_buffers(model)
@@ -72,12 +76,12 @@ def unsaved_tensors(model):
     return found
 
 
-def differing(got, expected):
+def differing(got: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> list[str]:
     """Names in ``expected`` (``{name: tensor}``) that ``got`` lacks or holds differently."""
     return [name for name, tensor in expected.items() if name not in got or not identical(got[name], tensor)]
 
 
-def sharing(tensors):
+def sharing(tensors: Mapping[str, object]) -> dict[str, str]:
     """Which names hold the same tensor object: {name: first name holding that object}."""
-    first = {}
+    first: dict[int, str] = {}
     return {name: first.setdefault(id(tensor), name) for name, tensor in tensors.items()}

@@ -14,18 +14,28 @@ gives exactly its loss (largest logit difference 0).
 Every interpreter runs torch single-threaded: on a small model this is faster than several
 threads (and much faster on a busy machine), and it makes every number reproducible.
 """
+from __future__ import annotations
+
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Mapping
+from types import ModuleType
+from typing import TYPE_CHECKING, TypedDict
 
 from . import unpatched
 from .check import FLOW_NAMES, FROM_PRETRAINED
 from .errors import require
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PretrainedConfig, PreTrainedModel
 
 CONFIG_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "demo_qwen2.json")
 
@@ -47,9 +57,17 @@ REPORTED = {  # transformers issue 36577 (its own Qwen2 model and data), loss af
 REFERENCE_FILE = "bufferfix-demo-reference.pt"
 
 
+class Scored(TypedDict):
+    """One flow's reload, scored (a crash is a result too)."""
+
+    loss: float | None
+    max_logit_difference: float | None
+    error: str | None
+
+
 # --------------------------------------------------------------------------- model and data
 
-def load_config():
+def load_config() -> tuple[PretrainedConfig, type[PreTrainedModel]]:
     """The demo's ``transformers`` config and model class (from the JSON shipped in the package)."""
     import transformers
 
@@ -59,18 +77,18 @@ def load_config():
     return config, getattr(transformers, spec["architectures"][0])
 
 
-def _batches(torch, count, generator):
+def _batches(torch: ModuleType, count: int, generator: torch.Generator) -> torch.Tensor:
     data = torch.tensor(list(TEXT.encode()) * 4)
     starts = torch.randint(0, len(TEXT), (count,), generator=generator)
     return torch.stack([data[s: s + SEQUENCE] for s in starts.tolist()])
 
 
-def evaluation_batch(torch):
+def evaluation_batch(torch: ModuleType) -> torch.Tensor:
     data = torch.tensor(list(TEXT.encode()) * 2)
     return torch.stack([data[s: s + SEQUENCE] for s in range(0, len(TEXT), 37)])
 
 
-def score(model, batch):
+def score(model: torch.nn.Module, batch: torch.Tensor) -> tuple[float, torch.Tensor]:
     """``(loss, logits)`` of ``model`` on ``batch`` (next-byte prediction)."""
     import torch
 
@@ -79,7 +97,8 @@ def score(model, batch):
     return output.loss.item(), output.logits
 
 
-def train(directory, target_loss=0.15, max_steps=1000, log=print):
+def train(directory: str, target_loss: float = 0.15, max_steps: int = 1000,
+          log: Callable[[str], None] = print) -> float:
     """Train until the evaluation loss is ``<= target_loss``; save the model (``save_pretrained``)
     and the trained model's evaluation loss and logits into ``directory``.  Returns the loss."""
     import torch
@@ -120,7 +139,7 @@ def train(directory, target_loss=0.15, max_steps=1000, log=print):
 ALLOCATED, POISONED = "as allocated", "poisoned"  # uninitialised memory as the allocator hands it back / NaN
 
 
-def evaluate(directory, memory=POISONED):
+def evaluate(directory: str, memory: str = POISONED) -> dict[str, Scored]:
     """In this interpreter: reload the saved model through every flow.  Returns
     ``{flow: {"loss", "max_logit_difference", "error"}}`` (a crash is a result too)."""
     import torch
@@ -137,12 +156,13 @@ def evaluate(directory, memory=POISONED):
     reference = torch.load(os.path.join(directory, REFERENCE_FILE))
     batch = evaluation_batch(torch)
 
-    def build():
+    def build() -> PreTrainedModel:
         return model_class(config)
 
-    loaders = {FROM_PRETRAINED: lambda: model_class.from_pretrained(directory, dtype=torch.float32)}
-    loaders.update({FLOW_NAMES[key]: (lambda flow=flow: flow(build, state_dict)) for key, flow in flows.FLOWS.items()})
-    results = {}
+    loaders: dict[str, Callable[[], torch.nn.Module]] = {
+        FROM_PRETRAINED: lambda: model_class.from_pretrained(directory, dtype=torch.float32)}
+    loaders.update({FLOW_NAMES[key]: functools.partial(flow, build, state_dict) for key, flow in flows.FLOWS.items()})
+    results: dict[str, Scored] = {}
     poison = flows.uninitialised_memory_is_poisoned() if memory == POISONED else contextlib.nullcontext()
     with poison:
         for name, load in loaders.items():
@@ -157,17 +177,17 @@ def evaluate(directory, memory=POISONED):
     return results
 
 
-def _evaluate_child(directory, memories):
+def _evaluate_child(directory: str, memories: list[str]) -> None:
     unpatched.answer({"results": {memory: evaluate(directory, memory) for memory in memories}})
 
 
-def run_columns(directory):
+def run_columns(directory: str) -> tuple[dict[str, Scored], dict[str, Scored], dict[str, Scored]]:
     """``(without as allocated, without poisoned, with bufferfix)``: the unpatched interpreter measures
     both kinds of memory (as allocated first, as in a user's fresh process), a bufferfix one runs
     beside it."""
     children = [(unpatched.Child(__name__, ["--evaluate", directory, "--memory", memories], bufferfix_on), memories)
                 for bufferfix_on, memories in ((False, ALLOCATED + "," + POISONED), (True, POISONED))]
-    columns = {}
+    columns: dict[bool, list[dict[str, Scored]]] = {}
     for child, memories in children:
         try:
             results = child.result()["results"]
@@ -179,28 +199,31 @@ def run_columns(directory):
 
 # --------------------------------------------------------------------------- presentation
 
-def _number(value):
+def _number(value: float) -> str:
     return "nan" if value != value else "%.3f" % value if abs(value) >= 1e-3 or value == 0 else "%.1e" % value
 
 
-def _loss_cell(result, crashes):
+def _loss_cell(result: Scored, crashes: dict[str, int]) -> str:
     if result["error"] is not None:
         return "crash%d" % crashes.setdefault(result["error"], len(crashes) + 1)
+    assert result["loss"] is not None  # no error: it was scored
     return _number(result["loss"])
 
 
-def _difference_cell(result):
+def _difference_cell(result: Scored) -> str:
     if result["error"] is not None:
         return "-"
     difference = result["max_logit_difference"]
+    assert difference is not None  # no error: it was scored
     return "0" if difference == 0 else _number(difference)
 
 
-def format_table(allocated, poisoned, with_fix):
+def format_table(allocated: Mapping[str, Scored], poisoned: Mapping[str, Scored],
+                 with_fix: Mapping[str, Scored]) -> str:
     """One row per flow: its loss without bufferfix (memory as allocated, then poisoned) and with
     bufferfix, with its largest logit difference from the trained model.  At most 100 columns for
     the demo's flows."""
-    crashes = {}  # error -> its number (the same error once)
+    crashes: dict[str, int] = {}  # error -> its number (the same error once)
     width = max(len(name) for name in with_fix)
     lines = ["%-*s  %17s  %16s" % (width, "", "without bufferfix", "with bufferfix"),
              "%-*s  %8s %8s  %8s %7s" % (width, "flow", "garbage", "poisoned", "loss", "Δlogit")]
@@ -214,20 +237,20 @@ def format_table(allocated, poisoned, with_fix):
     return "\n".join(lines)
 
 
-def reported_note():
+def reported_note() -> str:
     """What transformers issue 36577 saw, for comparison (a different model and data: not the reference)."""
     return ("transformers issue 36577, on its own model and data, saw loss %.3f through from_pretrained\n"
             "(right) and %s through init_empty_weights() / torch.device('meta') (wrong, like 'garbage')."
             % (REPORTED[FROM_PRETRAINED], " / ".join("%.3g" % REPORTED[n] for n in REPORTED if n != FROM_PRETRAINED)))
 
 
-def wrong_with_bufferfix(with_fix):
+def wrong_with_bufferfix(with_fix: Mapping[str, Scored]) -> list[str]:
     """Flows whose logits are not exactly the trained model's with bufferfix on."""
     return [name for name, result in with_fix.items()
             if result["error"] is not None or result["max_logit_difference"] != 0.0]
 
 
-def plot(path, without, with_fix, trained_loss):
+def plot(path: str, without: Mapping[str, Scored], with_fix: Mapping[str, Scored], trained_loss: float) -> None:
     """A bar chart of the loss per flow, without bufferfix (memory as allocated) and with it (needs matplotlib)."""
     import matplotlib
 
@@ -281,7 +304,7 @@ EPILOG = ("Without bufferfix each flow runs twice: with uninitialised memory as 
           "right by luck. Exit status: 0 every flow is exact with bufferfix, 1 one is not, 2 a missing package.")
 
 
-def add_arguments(parser):
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target-loss", type=float, default=0.15, metavar="X",
                         help="stop training at the first evaluation loss <= X (default: %(default)s, the report's)")
     parser.add_argument("--max-steps", type=int, default=1000, metavar="N",
@@ -294,7 +317,7 @@ def add_arguments(parser):
     parser.add_argument("--memory", default=POISONED, help=argparse.SUPPRESS)  # ...with these kinds of memory
 
 
-def run(arguments):
+def run(arguments: argparse.Namespace) -> int:
     """The demo; returns the exit status (raises :class:`~bufferfix.tools.errors.UsageError`)."""
     require("transformers", "accelerate", "safetensors", what="the demo")
     if arguments.evaluate:

@@ -1,5 +1,6 @@
 """Problems a command reports in one line, with exit status 2 (see :mod:`bufferfix.tools.cli`)."""
 import importlib
+from types import ModuleType
 
 INSTALL_TRANSFORMERS = "pip install 'bufferfix[transformers]'"  # transformers and accelerate
 
@@ -12,7 +13,7 @@ class MissingDependency(UsageError):
     """An optional package a command needs is not installed."""
 
 
-def require(*modules, what, install=INSTALL_TRANSFORMERS):
+def require(*modules: str, what: str, install: str = INSTALL_TRANSFORMERS) -> ModuleType:
     """Import ``modules`` (returns the first), or raise :class:`MissingDependency` saying that
     ``what`` needs them and the pip command that installs them."""
     imported = []
@@ -25,7 +26,7 @@ def require(*modules, what, install=INSTALL_TRANSFORMERS):
     return imported[0]
 
 
-def one_line(error):
+def one_line(error: BaseException) -> str:
     """``"TypeError: the first line of its message"``, at most ~300 characters."""
     text = str(error).strip()
     text = text.splitlines()[0] if text else ""

@@ -6,9 +6,18 @@ the config and in each of its sub-configs; nothing is downloaded.  Used by the d
 every model type transformers ships.  :data:`LEVELS` go from the smallest to the default config:
 callers take the first level whose model builds.  Imports transformers.
 """
+from __future__ import annotations
+
 import re
+from collections.abc import Sequence, Set
+from typing import TYPE_CHECKING, Any
 
 from transformers.models.auto import configuration_auto
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+ConfigDict = dict[str, Any]  # a config as to_dict() gives it: JSON-like values of every kind
 
 HIDDEN, FFN, HEADS, KV_HEADS, HEAD_DIM, VOCAB, POSITIONS = 64, 128, 4, 2, 16, 128, 128
 LAYERS = 2
@@ -36,7 +45,7 @@ _POSITION_KEYS = {"max_position_embeddings", "n_positions", "n_ctx", "max_seq_le
 _TOKEN_ID = re.compile(r"(^|_)token_(id|index)$")
 
 # How far a config is shrunk: the first level whose model builds (and is small enough) is used.
-LEVELS = [
+LEVELS: list[tuple[str, set[str]]] = [
     ("tiny", {"layers", "widths", "vocab", "positions", "images"}),
     ("tiny, full-size images", {"layers", "widths", "vocab", "positions"}),
     ("fewer layers, small vocab", {"layers", "vocab", "positions"}),
@@ -45,11 +54,11 @@ LEVELS = [
 ]
 
 
-def _smaller(value, limit):
+def _smaller(value: object, limit: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > limit
 
 
-def _first_layers(per_layer):
+def _first_layers(per_layer: Sequence[Any]) -> Sequence[Any]:
     """A per-layer list cut to LAYERS entries, keeping each kind of layer when it can
     (["sliding"] * 5 + ["full"] becomes ["sliding", "full"]: hybrids need both)."""
     kinds = list(dict.fromkeys(v for v in per_layer if isinstance(v, str)))
@@ -58,7 +67,7 @@ def _first_layers(per_layer):
     return kinds + [kinds[0]] * (LAYERS - len(kinds))
 
 
-def _heads(value):
+def _heads(value: int) -> int:
     """At most HEADS heads, and a number that divides HIDDEN."""
     heads = max(1, min(value, HEADS))
     while HIDDEN % heads:
@@ -66,7 +75,7 @@ def _heads(value):
     return heads
 
 
-def _mamba_heads(d):
+def _mamba_heads(d: ConfigDict) -> None:
     """Mamba mixers need heads * head_dim == expand * hidden_size."""
     for heads, head_dim, expand in (("mamba_n_heads", "mamba_d_head", "mamba_expand"),
                                     ("num_heads", "head_dim", "expand")):
@@ -77,7 +86,7 @@ def _mamba_heads(d):
             d[key] = 16
 
 
-def _shrink(d, what, token_ids):
+def _shrink(d: ConfigDict, what: Set[str], token_ids: dict[int, int]) -> None:
     """Shrink one config dict in place (sub-config dicts are handled by the caller)."""
     hierarchical = isinstance(d.get("depths"), (list, tuple))  # num_layers counts stages there
     if "layers" in what:
@@ -173,7 +182,7 @@ def _shrink(d, what, token_ids):
             d["image_size"] = [size] * len(d["image_size"])
 
 
-def _shrink_tree(d, what, token_ids):
+def _shrink_tree(d: ConfigDict, what: Set[str], token_ids: dict[int, int]) -> None:
     for key, value in list(d.items()):
         if isinstance(value, dict) and value.get("model_type") == "timm_backbone":  # timm: not a dependency
             d[key], d["use_timm_backbone"] = None, False
@@ -183,7 +192,7 @@ def _shrink_tree(d, what, token_ids):
             _shrink_tree(value, what, token_ids)
 
 
-def tiny_config(model_type, what):
+def tiny_config(model_type: str, what: Set[str]) -> PretrainedConfig:
     """The default config of ``model_type``, shrunk as far as ``what`` says."""
     config = configuration_auto.CONFIG_MAPPING[model_type]()
     if not what:

@@ -6,21 +6,25 @@ child is ``python -m MODULE ARGUMENTS...``; it ends its output with one JSON lin
 :func:`answer`, which also says whether bufferfix was on in it, and :meth:`Child.result` checks
 that it was what was asked.  Shared by the doctor and the demo.
 """
+from __future__ import annotations
+
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 
 class ChildFailed(Exception):
     """The child exited with an error, printed no answer, or had bufferfix in the wrong state."""
 
-    def __init__(self, message, stderr=""):
+    def __init__(self, message: str, stderr: str = "") -> None:
         super().__init__(message)
         self.stderr = stderr
 
 
-def child_environment(bufferfix_on):
+def child_environment(bufferfix_on: bool) -> dict[str, str]:
     """``BUFFERFIX_DISABLE`` set accordingly, and this interpreter's own import paths (a
     ``module:callable`` target importable here must be importable there)."""
     environment = dict(os.environ, BUFFERFIX_DISABLE="0" if bufferfix_on else "1")
@@ -40,14 +44,14 @@ class Child:
     """``python -m module *arguments`` started now, in a fresh interpreter; it runs while this
     one works, and :meth:`result` collects it."""
 
-    def __init__(self, module, arguments, bufferfix_on=False):
+    def __init__(self, module: str, arguments: Sequence[str], bufferfix_on: bool = False) -> None:
         self.bufferfix_on = bufferfix_on
         self.name = "the %s interpreter" % ("bufferfix" if bufferfix_on else "BUFFERFIX_DISABLE=1")
         self.process = subprocess.Popen([sys.executable, "-m", module, *arguments],
                                         env=child_environment(bufferfix_on), stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE, text=True)
 
-    def result(self):
+    def result(self) -> dict[str, Any]:  # a JSON object: values of any kind
         """The child's JSON answer (a dict), or :class:`ChildFailed`."""
         stdout, stderr = self.process.communicate()
         lines = stdout.strip().splitlines()
@@ -63,12 +67,12 @@ class Child:
                                                         self.name), stderr)
         return answer
 
-    def kill(self):
+    def kill(self) -> None:
         self.process.kill()
         self.process.communicate()
 
 
-def answer(payload):
+def answer(payload: Mapping[str, object]) -> None:
     """In the child: print ``payload`` (a JSON-able dict) as the answer, saying whether bufferfix is on."""
     import bufferfix
 

@@ -18,10 +18,14 @@ measurements of :mod:`bufferfix.tools.check` and the verdicts, as a dict and as 
 (arguments).  Exit status: 0 no problem in the flows checked; 1 a buffer bufferfix cannot
 recover, or a flow that is wrong with bufferfix; 2 a bad target (one line on stderr).
 """
+from collections.abc import Sequence
+from typing import Any
+
 from .targets import Target, TargetError, resolve  # noqa: F401
 
 
-def __getattr__(name):  # the report imports torch: only when it is used, not for ``bufferfix --help``
+# the report imports torch: only when it is used, not for ``bufferfix --help``; Any: whichever function is asked for
+def __getattr__(name: str) -> Any:
     if name in ("diagnose", "format_report"):
         from . import report
 
@@ -29,7 +33,7 @@ def __getattr__(name):  # the report imports torch: only when it is used, not fo
     raise AttributeError("module %r has no attribute %r" % (__name__, name))
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     """``bufferfix doctor`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     from ..cli import run_tool
 

@@ -16,7 +16,7 @@ EPILOG = ("TARGET: a directory written by save_pretrained; a transformers model 
           "be recovered or a flow is wrong with bufferfix, 2 a bad target or a missing package." % EXAMPLES)
 
 
-def add_arguments(parser):
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("target", metavar="TARGET", help="model directory, model type or class name, or module:callable")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
     parser.add_argument("--class", dest="model_class", metavar="NAME",
@@ -27,7 +27,7 @@ def add_arguments(parser):
     parser.add_argument("--flows-only", action="store_true", help=argparse.SUPPRESS)  # the child: one JSON line
 
 
-def run(arguments):
+def run(arguments: argparse.Namespace) -> int:
     """The doctor; returns the exit status (raises :class:`~bufferfix.tools.errors.UsageError`)."""
     import bufferfix
 

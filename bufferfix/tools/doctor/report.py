@@ -6,16 +6,29 @@ Every classification comes from :class:`bufferfix.Recovery` values and from bit-
 comparisons; the only words taken from bufferfix are :func:`bufferfix.reporting.describe`'s,
 shown as they are.
 """
+from __future__ import annotations
+
+from collections.abc import Callable, Set
+from typing import TYPE_CHECKING, Any
+
 from .. import unpatched
 from ..check import FROM_PRETRAINED, NotAModule, measure
 from ..compare import non_persistent_buffers, unsaved_tensors
 from ..errors import one_line
-from .targets import TargetError, resolve, transformers_quietly
+from .targets import Target, TargetError, resolve, transformers_quietly
 
+if TYPE_CHECKING:
+    import argparse
+
+    import torch
+
+    from bufferfix.recovery import Recovery
+
+Json = dict[str, Any]  # a JSON object (what --json prints): its values are of every kind
 UNTRACKED = "untracked"  # a reason of the doctor's own: bufferfix.explain does not list the tensor
 
 
-def child_arguments(arguments):
+def child_arguments(arguments: argparse.Namespace) -> list[str]:
     """The command line of the doctor's ``BUFFERFIX_DISABLE=1`` child (``--flows-only``)."""
     command = ["--flows-only", arguments.target]
     if arguments.model_class:
@@ -25,7 +38,7 @@ def child_arguments(arguments):
     return command
 
 
-def measure_target(target, patched, built=lambda: None):
+def measure_target(target: Target, patched: bool, built: Callable[[], object] = lambda: None) -> Json:
     """:func:`~bufferfix.tools.check.measure` on a doctor target, as JSON: ``{"buffers": [names in the normal
     build], "random": [names two normal builds with different seeds disagree on], "flows": {flow:
     {"not_checked", "error", "broken", "warnings"}}}``.  :class:`TargetError` when the normal build fails."""
@@ -37,11 +50,15 @@ def measure_target(target, patched, built=lambda: None):
         torch.set_num_threads(1)  # faster for tiny tensors
     if target.model_class is not None:
         transformers_quietly()  # no progress bars or loading reports in the middle of ours
-    normal_build = []
+    normal_build: list[bool] = []
+
+    def on_built(model: torch.nn.Module) -> None:
+        normal_build.append(True)
+        built()
+
     try:
         found = measure(target.build, patched=patched, model_class=target.model_class,
-                        pretrained_dir=target.pretrained_dir, find_random=True,
-                        built=lambda model: (normal_build.append(True), built()))
+                        pretrained_dir=target.pretrained_dir, find_random=True, built=on_built)
     except NotAModule as error:
         raise TargetError("%s: %s" % (target.text, error)) from None
     except Exception as error:  # the normal build's, or ours (re-raised)
@@ -60,7 +77,7 @@ def measure_target(target, patched, built=lambda: None):
     return {"buffers": found.tensors, "random": found.random, "flows": flows}
 
 
-def recoveries(target):
+def recoveries(target: Target) -> tuple[dict[str, tuple[torch.Tensor, Recovery | None]] | None, str | None]:
     """``({name: (tensor, Recovery or None)}, None)`` for a build under ``torch.device("meta")`` (the
     hardest case: nothing real ever existed), from :func:`bufferfix.explain`; ``None`` for a tensor
     it does not list.  ``(None, error)`` when the model does not build on meta."""
@@ -78,7 +95,7 @@ def recoveries(target):
     tensors = unsaved_tensors(model)
     explained = {recovery.name: recovery for recovery in bufferfix.explain(model)}
     by_tensor = {id(tensors[name]): recovery for name, recovery in explained.items() if name in tensors}
-    found = {}
+    found: dict[str, Recovery | None] = {}
     for name, tensor in tensors.items():  # a shared tensor may be explained under another of its names
         found[name] = explained.get(name) or by_tensor.get(id(tensor))
         if found[name] is None and not tensor.is_meta:  # real even on meta: nothing to recover
@@ -88,7 +105,7 @@ def recoveries(target):
     return {name: (tensors[name], recovery) for name, recovery in found.items()}, None
 
 
-def _entry(name, tensor, recovery):
+def _entry(name: str, tensor: torch.Tensor, recovery: Recovery | None) -> Json:
     """One buffer of the report, from its :class:`~bufferfix.Recovery` (None: not explained)."""
     from bufferfix import reporting
 
@@ -97,12 +114,12 @@ def _entry(name, tensor, recovery):
         return dict(entry, module_class="?", kind="?", recovery="cannot", origin=None, reason=UNTRACKED,
                     description="bufferfix does not track it")
     return dict(entry, module_class=recovery.owner, kind=recovery.kind,
-                recovery=recovery.source.value if recovery.recovered else "cannot", origin=recovery.origin,
+                recovery=recovery.source.value if recovery.source is not None else "cannot", origin=recovery.origin,
                 reason=recovery.reason.name.lower() if recovery.reason else None,
                 description=reporting.describe(recovery))
 
 
-def _verdict(result, other, random):
+def _verdict(result: Json, other: Json | None, random: Set[str]) -> tuple[str, str | None]:
     """``(verdict, why not checked)``."""
     if result["not_checked"]:
         return "not checked", result["not_checked"]
@@ -117,12 +134,12 @@ def _verdict(result, other, random):
     return "wrong", None
 
 
-def diagnose(arguments, progress=lambda text: None):
+def diagnose(arguments: argparse.Namespace, progress: Callable[[str], None] = lambda text: None) -> Json:
     """Everything the doctor finds, as one JSON-able dict."""
     target = resolve(arguments.target, arguments.model_class, arguments.trust_remote_code)
     children = []  # once the target builds: each flow without bufferfix, meanwhile, in a fresh interpreter
 
-    def built():
+    def built() -> None:
         children.append(unpatched.Child("bufferfix.tools.doctor", child_arguments(arguments)))
         progress("built %s; running it through each flow with bufferfix..." % target.description)
 
@@ -142,6 +159,7 @@ def diagnose(arguments, progress=lambda text: None):
         without, without_error = None, str(error)
     random = set(with_fix["random"])
     if explained is None:
+        assert meta_error is not None  # recoveries() gives no tensors only with the error
         entries = [{"name": name, "module_class": "?", "kind": "?", "shape": None, "dtype": None,
                     "recovery": "unknown", "origin": None, "reason": None,
                     "description": "the model does not build under torch.device('meta'): " + meta_error}
@@ -174,12 +192,12 @@ def diagnose(arguments, progress=lambda text: None):
 
 # --------------------------------------------------------------------------- as text
 
-def _class_name(origin):
+def _class_name(origin: str | None) -> str:
     """``"package.module.Class"`` -> ``"Class"``."""
     return origin.rpartition(".")[2] if origin else ""
 
 
-def recovery_cell(entry):
+def recovery_cell(entry: Json) -> str:
     """The table's words for one buffer, from its values: ``replay of LlamaRotaryEmbedding(...)``,
     ``CANNOT: random``..."""
     origin = _class_name(entry["origin"])
@@ -196,7 +214,7 @@ def recovery_cell(entry):
     return entry["recovery"]
 
 
-def _flow_cell(result, total, enabled, random):
+def _flow_cell(result: Json | None, total: int, enabled: bool, random: Set[str]) -> str:
     if result is None:
         return "not run"
     if result["not_checked"]:
@@ -214,11 +232,11 @@ def _flow_cell(result, total, enabled, random):
     return "%s: %d/%d differ%s" % ("WRONG" if enabled else "broken", len(result["broken"]), total, shown)
 
 
-def _buffer_table(entries):
+def _buffer_table(entries: list[Json]) -> list[str]:
     transformers_column = any(entry["transformers_init"] is not None for entry in entries)
     rows = [("name", "module", "shape", "dtype", "recovery") + (("transformers init",) if transformers_column else ())]
     for entry in entries:
-        row = (entry["name"] + (" (attribute)" if entry["kind"] == "attribute" else "")
+        row: tuple[str, ...] = (entry["name"] + (" (attribute)" if entry["kind"] == "attribute" else "")
                + (" (random)" if entry["random"] else ""), entry["module_class"],
                str(tuple(entry["shape"])) if entry["shape"] is not None else "?",
                entry["dtype"] or "?", recovery_cell(entry))
@@ -233,7 +251,7 @@ def _buffer_table(entries):
     return lines
 
 
-def format_report(report):
+def format_report(report: Json) -> str:
     lines = ["bufferfix doctor: %s (%s)" % (report["target"], report["model"]), ""]
     entries = report["buffers"]
     if not entries:

@@ -8,6 +8,8 @@ TARGET is one of
 * ``module:callable`` (or ``path/to/file.py:callable``): ``callable()`` returns the ``nn.Module``;
   the module is looked up as ``python -m`` does, the current directory first.
 """
+from __future__ import annotations
+
 import copy
 import dataclasses
 import difflib
@@ -16,9 +18,15 @@ import importlib.util
 import json
 import os
 import sys
-import typing
+from collections.abc import Callable
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 from ..errors import UsageError, one_line, require
+
+if TYPE_CHECKING:
+    from torch import nn
+    from transformers import PretrainedConfig, PreTrainedModel
 
 MAX_PARAMETERS = 50_000_000  # a model type whose tiny config is still bigger than this is refused
 EXAMPLES = "e.g. llama, bert, gpt2"
@@ -34,13 +42,13 @@ class Target:
 
     text: str  # as the user wrote it
     description: str
-    build: typing.Callable
-    model_class: type = None  # a transformers PreTrainedModel class: from_pretrained applies
-    pretrained_dir: str = None  # from_pretrained loads from here (a model directory), else saves a normal build
+    build: Callable[[], nn.Module]
+    model_class: type[PreTrainedModel] | None = None  # a transformers PreTrainedModel class: from_pretrained applies
+    pretrained_dir: str | None = None  # from_pretrained loads from here (a model directory), else saves a normal build
     tiny: bool = False  # a tiny config: torch runs single-threaded (faster for tiny tensors)
 
 
-def resolve(text, class_name=None, trust_remote_code=False):
+def resolve(text: str, class_name: str | None = None, trust_remote_code: bool = False) -> Target:
     """TARGET string -> :class:`Target`, or :class:`TargetError`."""
     if os.path.isdir(text):
         return _directory_target(text, class_name, trust_remote_code)
@@ -57,7 +65,7 @@ def resolve(text, class_name=None, trust_remote_code=False):
     return _type_target(text, class_name)
 
 
-def transformers_quietly():
+def transformers_quietly() -> ModuleType:
     """transformers, with its progress bars and loading reports off (they would break our output)."""
     transformers = require("transformers", "accelerate", what="this target")
     transformers.logging.set_verbosity_error()
@@ -67,11 +75,12 @@ def transformers_quietly():
 
 # --------------------------------------------------------------------------- module:callable
 
-def _callable_target(text, module_name, attribute):
+def _callable_target(text: str, module_name: str, attribute: str) -> Target:
     if module_name.endswith(".py"):
         if not os.path.isfile(module_name):
             raise TargetError("%s: no such file" % module_name)
         spec = importlib.util.spec_from_file_location(os.path.basename(module_name)[:-3], module_name)
+        assert spec is not None and spec.loader is not None  # a .py file: Python's own source loader
         module = importlib.util.module_from_spec(spec)
         try:
             spec.loader.exec_module(module)
@@ -88,7 +97,7 @@ def _callable_target(text, module_name, attribute):
             raise TargetError("%s: importing %s raised %s" % (text, module_name, one_line(error))) from None
         except Exception as error:  # noqa: BLE001 - user code
             raise TargetError("%s: importing %s raised %s" % (text, module_name, one_line(error))) from None
-    value = module
+    value: Any = module  # then whatever the user's code holds under that name
     for part in attribute.split("."):
         try:
             value = getattr(value, part)
@@ -101,14 +110,14 @@ def _callable_target(text, module_name, attribute):
 
 # --------------------------------------------------------------------------- a saved model directory
 
-def _model_class(transformers, name, where):
+def _model_class(transformers: ModuleType, name: str, where: str) -> type[PreTrainedModel]:
     cls = getattr(transformers, name, None)
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         raise TargetError("%s: %r is not a transformers model class" % (where, name))
     return cls
 
 
-def _directory_target(directory, class_name, trust_remote_code):
+def _directory_target(directory: str, class_name: str | None, trust_remote_code: bool) -> Target:
     if not os.path.isfile(os.path.join(directory, "config.json")):
         raise TargetError("%s: a directory, but not a saved transformers model (no config.json); for any other "
                           "model pass module:callable" % directory)
@@ -131,7 +140,8 @@ def _directory_target(directory, class_name, trust_remote_code):
                   pretrained_dir=directory if weights else None)  # no weights there: from_pretrained a normal build
 
 
-def _saved_model_class(transformers, config, directory, trust_remote_code):
+def _saved_model_class(transformers: ModuleType, config: PretrainedConfig, directory: str,
+                       trust_remote_code: bool) -> type[PreTrainedModel]:
     """The class a saved config names (its ``architectures``, custom code, or the auto mapping)."""
     architectures = getattr(config, "architectures", None) or []
     cls = getattr(transformers, architectures[0], None) if architectures else None
@@ -162,24 +172,28 @@ def _saved_model_class(transformers, config, directory, trust_remote_code):
 
 # --------------------------------------------------------------------------- a model type, tiny
 
-def _type_target(name, class_name):
+def _type_target(name: str, class_name: str | None) -> Target:
     transformers = transformers_quietly()
     from transformers.models.auto import configuration_auto
 
-    model_type, cls = name, None
+    model_type: str | None = name
+    cls: type[PreTrainedModel] | None = None
     as_class = getattr(transformers, name, None)
     if isinstance(as_class, type) and issubclass(as_class, transformers.PreTrainedModel):
-        cls, model_type = as_class, getattr(as_class.config_class, "model_type", None)
+        # a PreTrainedModel class: mypy cannot narrow to one read off the module (Any)
+        cls, model_type = as_class, getattr(as_class.config_class, "model_type", None)  # type: ignore[attr-defined]
     elif name not in configuration_auto.CONFIG_MAPPING_NAMES and name.lower() in configuration_auto.CONFIG_MAPPING_NAMES:
         model_type = name.lower()
     if model_type not in configuration_auto.CONFIG_MAPPING_NAMES:
         close = difflib.get_close_matches(name.lower(), configuration_auto.CONFIG_MAPPING_NAMES, n=3)
         raise TargetError("%s: unknown target: not a directory, not module:callable, and not a transformers model "
                           "type (%s)" % (name, "did you mean %s?" % " / ".join(close) if close else EXAMPLES))
+    assert model_type is not None  # one of CONFIG_MAPPING_NAMES, whose keys are strings
     if class_name:
         cls = _model_class(transformers, class_name, name)
         own = getattr(cls.config_class, "model_type", None)
         if own and own != model_type:
+            assert cls.config_class is not None  # own was read off it
             default = _default_class_name(name, model_type)
             raise TargetError("%s: %s is a %s model, not a %s one (its config is %s); pass a %s class, e.g. --class %s"
                               % (name, class_name, own, model_type, cls.config_class.__name__, model_type, default))
@@ -190,12 +204,12 @@ def _type_target(name, class_name):
                   tiny=True)
 
 
-def _config_words(level):
+def _config_words(level: str) -> str:
     """``"tiny"`` -> ``"tiny config"``; ``"default config"`` stays as it is."""
     return level if level.endswith("config") else level + " config"
 
 
-def _default_class_name(name, model_type):
+def _default_class_name(name: str, model_type: str) -> str:
     """Decoder-only LMs: the causal LM; encoders and encoder-decoders: the base model."""
     from transformers.models.auto import configuration_auto, modeling_auto
 
@@ -211,17 +225,18 @@ def _default_class_name(name, model_type):
         choice = choice[0]
     if not choice:
         raise TargetError("%s: transformers has no base or causal-LM model for this type; pass --class" % name)
+    assert isinstance(choice, str)  # transformers' mappings name a class, or a tuple of them (the first taken above)
     return choice
 
 
-def _small_config(model_type, cls):
+def _small_config(model_type: str, cls: type[PreTrainedModel]) -> tuple[PretrainedConfig, str]:
     """``(config, level)``: the first level of :data:`tiny_configs.LEVELS` whose model builds on
     meta with at most :data:`MAX_PARAMETERS` parameters (later levels shrink less: bigger still)."""
     import torch
 
     from .. import tiny_configs
 
-    problems = {}  # what went wrong -> the levels it went wrong at (the same error is given once)
+    problems: dict[str, list[str]] = {}  # what went wrong -> the levels it went wrong at (the same error is given once)
     for level, what in tiny_configs.LEVELS:
         try:
             config = tiny_configs.tiny_config(model_type, what)
