@@ -14,33 +14,46 @@ those it marks initialised) is filled then too: a skipped write never leaves gar
 Which functions overwrite a tensor whole is data (:data:`overwriting`): torch's, and those an
 integration adds (transformers swaps its own in for ``torch.nn.init``'s while ``_init_weights`` runs).
 """
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
 import torch
 
 from . import compat, recipes
+
+if TYPE_CHECKING:
+    from ..recovery import Recovery
+    from .restore import Materialisation, _Group
+
+# torch's functions and methods, as a mode sees them: any signature
+TorchFunction = Callable[..., Any]
 
 
 class DeferredRestore:
     """``(group, target)`` pairs of a :class:`~.restore.Materialisation` still waiting for a value."""
 
-    def __init__(self, plan, pending, failures):
+    def __init__(self, plan: Materialisation, pending: Iterable[tuple[_Group, torch.Tensor]],
+                 failures: list[Recovery]) -> None:
         self.plan = plan
         self.pending = {id(target): (group, target) for group, target in pending}
         self.failures = failures
-        self.left = []  # (group, target, its version before the library's write)
+        self.left: list[tuple[_Group, torch.Tensor, int]] = []  # (group, target, its version before the library's write)
 
-    def watching(self):
+    def watching(self) -> _FirstUse:
         return _FirstUse(self)
 
-    def fill(self, key):
+    def fill(self, key: int) -> None:
         group, target = self.pending.pop(key)
         with torch.no_grad():
             self.plan.fill(group, target, self.failures)
 
-    def left_to_the_library(self, key):
+    def left_to_the_library(self, key: int) -> None:
         group, target = self.pending.pop(key)
         self.left.append((group, target, recipes.raw_version(target)))
 
-    def finish(self):
+    def finish(self) -> list[Recovery]:
         for group, target, version in self.left:
             if recipes.raw_version(target) != version:
                 self.plan.left_to_the_library(target)  # written whole: its value stands
@@ -55,7 +68,7 @@ class DeferredRestore:
         return self.plan.finish(self.failures)
 
 
-def _overwriting_functions():
+def _overwriting_functions() -> frozenset[TorchFunction]:
     """Functions that overwrite every element of their first argument without reading it."""
     tensor_methods = ("copy_", "fill_", "zero_", "normal_", "uniform_")
     init_functions = ("normal_", "uniform_", "trunc_normal_", "zeros_", "ones_", "constant_")
@@ -63,7 +76,7 @@ def _overwriting_functions():
                      + [getattr(torch.nn.init, name) for name in init_functions if hasattr(torch.nn.init, name)])
 
 
-def _metadata_functions():
+def _metadata_functions() -> frozenset[TorchFunction]:
     """Functions on a tensor that do not look at its values."""
     properties = ("shape", "dtype", "device", "is_meta", "ndim", "requires_grad", "layout", "is_cuda", "is_leaf",
                   "grad_fn", "names")
@@ -73,16 +86,17 @@ def _metadata_functions():
                      + [getattr(torch.Tensor, name) for name in methods if hasattr(torch.Tensor, name)])
 
 
-overwriting = set(_overwriting_functions())  # integrations add theirs
+overwriting: set[TorchFunction] = set(_overwriting_functions())  # integrations add theirs
 _METADATA = _metadata_functions()
 
 
 class _FirstUse(compat.TorchFunctionMode):
-    def __init__(self, deferred):
+    def __init__(self, deferred: DeferredRestore) -> None:
         super().__init__()
         self.deferred = deferred
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
+    def __torch_function__(self, func: TorchFunction, types: Iterable[type], args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
         pending = self.deferred.pending
         if pending and func not in _METADATA:
@@ -95,7 +109,7 @@ class _FirstUse(compat.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _arguments(args, kwargs):
+def _arguments(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Iterator[Any]:
     """Positional arguments first (position 0 is ``self`` for a tensor method), then the rest;
     tensors inside lists and tuples too."""
     for value in (*args, *kwargs.values()):

@@ -20,9 +20,13 @@ where they differ it is the signature of the choice made without them.  On insta
 ``dir()`` of every module, and code such as torch.compile's reads every name there.  The C
 constructor slots stay as they are.
 """
+from __future__ import annotations
+
 import inspect
 import sys
 import types
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from torch import nn
 
@@ -32,20 +36,21 @@ _BUILT_IN = (types.WrapperDescriptorType, types.MethodWrapperType, types.ClassMe
 _OWN_NEW_FIRST = sys.version_info < (3, 11)  # 3.10: a class's own __new__ or __init__, then inherited ones
 
 
-def keep_signatures(leaf_classes, is_hook):
+def keep_signatures(leaf_classes: Iterable[type], is_hook: Callable[[object], bool]) -> None:
     """Give ``nn.Module`` (and so every module class) the ``__signature__`` described above;
     ``leaf_classes`` are the classes whose ``object.__new__`` is bufferfix's, ``is_hook(new)``
     says whether a ``__new__`` is the recording hook."""
-    nn.Module.__signature__ = _ConstructorSignature(frozenset(leaf_classes), is_hook)
+    nn.Module.__signature__ = _ConstructorSignature(  # type: ignore[attr-defined]  # torch's Module has none
+        frozenset(leaf_classes), is_hook)
 
 
 class _ConstructorSignature:
     """A ``__signature__`` computed on each look-up from the class it is looked up on."""
 
-    def __init__(self, leaf_classes, is_hook):
+    def __init__(self, leaf_classes: frozenset[type], is_hook: Callable[[object], bool]) -> None:
         self.leaf_classes, self.is_hook = leaf_classes, is_hook
 
-    def __get__(self, instance, cls):
+    def __get__(self, instance: object, cls: type) -> inspect.Signature | None:
         if instance is not None or _user_defined(type(cls).__call__):
             return None  # an instance; or a metaclass __call__, which inspect reads first
         chosen = _factory_method(cls, self._own_new)
@@ -54,18 +59,20 @@ class _ConstructorSignature:
             return None
         return inspect.signature(types.MethodType(unhooked, cls))  # the first parameter (cls / self) bound
 
+    # A class's own __new__ (and below its __init__), read from its __dict__: a function, a staticmethod
+    # or a built-in slot; Any, as typeshed types __dict__.
     @staticmethod
-    def _own_new(base):
+    def _own_new(base: type) -> Any:
         return base.__dict__.get("__new__")
 
-    def _own_new_unhooked(self, base):
+    def _own_new_unhooked(self, base: type) -> Any:
         new = base.__dict__.get("__new__")
         if (new is object.__new__ and base in self.leaf_classes) or self.is_hook(new):
             return None
         return new
 
 
-def _factory_method(cls, own_new):
+def _factory_method(cls: type, own_new: Callable[[type], Any]) -> Any:
     """The ``__new__`` or ``__init__`` whose signature this Python's ``inspect`` gives for ``cls``
     (None: neither is user-defined), seeing the ``__new__`` that ``own_new(base)`` says each class
     of the MRO has in its own dict."""
@@ -87,9 +94,9 @@ def _factory_method(cls, own_new):
     return None
 
 
-def _unwrapped(new):
+def _unwrapped(new: Any) -> Any:
     return new.__func__ if isinstance(new, staticmethod) else new
 
 
-def _user_defined(method):
+def _user_defined(method: object) -> bool:
     return method is not None and not isinstance(method, _BUILT_IN)

@@ -90,7 +90,7 @@ class Slot:
                         self.module.__dict__[name] = flag
 
 
-def within(view: torch.Tensor, base: torch.Tensor) -> int | None:
+def within(view: torch.Tensor, base: torch.Tensor) -> int | torch.SymInt | None:
     """The offset of ``view``'s first element from ``base``'s, if every element of ``view`` is one of
     ``base``'s contiguous span (so ``view`` can be made again from a new ``base``); else None."""
     offset = view.storage_offset() - base.storage_offset()
@@ -181,7 +181,7 @@ def _walk(module: torch.nn.Module, attribute: str, value: Any, kind: int, steps:
 
 def resolve(module: torch.nn.Module, attribute: str, steps: tuple[Step, ...]) -> Any:
     """The value at ``module.<attribute><steps>``, or None."""
-    value = vars(module).get(attribute)
+    value: Any = vars(module).get(attribute)
     for kind, key in steps:
         try:
             value = value[key] if kind == "item" else vars(value)[key]

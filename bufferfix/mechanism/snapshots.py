@@ -7,10 +7,20 @@ it.  The snapshot lives exactly as long as that meta tensor: it is freed when
 the model is materialised or garbage collected.  Nothing is stored on the
 module, so ``state_dict``, pickling and ``torch.save`` are unaffected.
 """
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
 from . import compat
 from .slots import within
+
+# (module, name, is it a buffer?) of a view, (module, name, "parameter" or "buffer") of its base, then the
+# view's size, stride and offset from the base's
+View = tuple[tuple[torch.nn.Module, str, bool], tuple[torch.nn.Module, str, str], tuple[int, ...], tuple[int, ...],
+             int | torch.SymInt]
 
 taken = compat.WeakIdKeyDictionary()  # meta tensor -> the real tensor it replaced (read as data by sources)
 
@@ -27,10 +37,13 @@ class MoveToMeta:
     takes that meta tensor's snapshot, if any, never its own bytes.
     """
 
-    def __init__(self, root, recurse=True, unfilled=None):
+    def __init__(self, root: torch.nn.Module, recurse: bool = True,
+                 unfilled: Callable[[torch.Tensor], torch.Tensor | None] | None = None) -> None:
         self.unfilled = unfilled
         modules = list(root.modules()) if recurse else [root]
-        self.groups = {}  # id(real tensor) -> [real tensor, [buffer slots], [attribute slots], non-persistent?]
+        # id(real tensor) -> [real tensor, [buffer slots], [attribute slots], non-persistent?]: a list of
+        # values of several kinds, updated in place (Any)
+        self.groups: dict[int, list[Any]] = {}
         for module in modules:
             for name, tensor in module._buffers.items():
                 if tensor is not None and not tensor.is_meta:
@@ -45,7 +58,7 @@ class MoveToMeta:
                        if group[3] or len(group[1]) > 1 or group[2]}
         self.views = _views(modules)
 
-    def after(self):
+    def after(self) -> None:
         for real, buffers, attributes, non_persistent in self.groups.values():
             owner, name = buffers[0]
             moved = owner._buffers.get(name)
@@ -71,21 +84,23 @@ class MoveToMeta:
                 module.__dict__[name] = view
 
 
-def _views(modules):
+def _views(modules: list[torch.nn.Module]) -> list[View]:
     """``[(slot, base slot, size, stride, offset from the base's)]`` for every buffer or plain tensor
     attribute sharing storage with a parameter or an earlier buffer (``table[:1]``, spectral_norm's
     ``weight`` aliasing its parameter): ``Module._apply`` gives each its own moved tensor, and the
     normal build's views must stay views on meta too."""
-    bases, found = {}, []
+    bases: dict[int, tuple[tuple[torch.nn.Module, str, str], torch.Tensor, torch.UntypedStorage]] = {}
+    found: list[View] = []
     for module in modules:
         for name, param in module._parameters.items():
             if param is not None and not param.is_meta:
                 storage = param.untyped_storage()  # held in the value: its id is not reused meanwhile
                 bases.setdefault(id(storage), ((module, name, "parameter"), param, storage))
+    slots: list[tuple[tuple[torch.nn.Module, str, bool], torch.Tensor | None]]
     slots = [((module, name, True), tensor) for module in modules for name, tensor in module._buffers.items()]
     slots += [((module, name, False), value) for module in modules for name, value in vars(module).items()
               if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter)]
-    seen = set()
+    seen: set[int] = set()
     for slot, tensor in sorted(slots, key=lambda pair: pair[1] is None or pair[1]._base is not None):
         if tensor is None or tensor.is_meta or id(tensor) in seen:
             continue
@@ -103,32 +118,32 @@ def _views(modules):
     return found
 
 
-def remember(meta_tensor, real):
+def remember(meta_tensor: torch.Tensor, real: torch.Tensor) -> None:
     """A library moved ``real`` to meta itself (a tensor-level ``.to("meta")``, not ``Module.to``):
     keep it as that meta tensor's snapshot (an integration that saw the move calls this)."""
     if meta_tensor.is_meta and not real.is_meta:
         taken[meta_tensor] = real
 
 
-def follow_copy(original, copy):
+def follow_copy(original: torch.Tensor, copy: torch.Tensor) -> None:
     """``copy.deepcopy`` of a meta tensor keeps its snapshot."""
     snapshot = taken.get(original)
     if snapshot is not None:
         taken[copy] = snapshot
 
 
-def has_any():
+def has_any() -> bool:
     return len(taken) > 0
 
 
-def count():
+def count() -> int:
     return len(taken)
 
 
-def tensors():
+def tensors() -> list[torch.Tensor]:
     """The real values held (for memory accounting)."""
     return list(taken.values())
 
 
-def nbytes():
+def nbytes() -> int:
     return sum(tensor.untyped_storage().nbytes() for tensor in {id(t): t for t in tensors()}.values())
