@@ -1,29 +1,29 @@
-"""Issue 3, the architecture sweep: transformers' architectures, tiny, through every meta flow.
+"""The transformers sweep: transformers' architectures, tiny, through every meta flow.
 
-Each architecture is built from its default config shrunk (tests/sweep.py), once normally as the
-reference and then through every flow of bufferfix.flows.FLOWS plus save_pretrained ->
-from_pretrained, with and without bufferfix; non-persistent buffers, plain tensor attributes, their
-sharing, the state dict and (where a generic input exists) the outputs must match bit for bit.
+Each architecture is built from its default config shrunk (tests/sweeps/transformers.py), once
+normally as the reference and then through every flow of the sweep harness plus save_pretrained ->
+from_pretrained, with and without bufferfix; non-persistent buffers, plain tensor attributes, tensors
+in containers, their sharing, the state dict and (where a generic input exists) the outputs must
+match bit for bit, with no bufferfix warning.
 
 CI runs a fixed subset, one architecture per kind of non-persistent buffer.  The full sweep is slow
-(tens of minutes on 2 cores) and ends with a summary (the four numbers, skipped architectures and
-why, everything broken with bufferfix)::
+(tens of minutes on 2 cores) and ends with a summary (the numbers, skipped architectures and why,
+everything broken with bufferfix)::
 
     python -m pytest -m slow tests/test_architecture_sweep.py
-    python tests/sweep.py --report          # the same sweep as a script
+    cd tests && python -m sweeps.transformers          # the same sweep as a command
 
 ``BUFFERFIX_SWEEP_JSON=path`` makes the pytest sweep also write every result as JSON
-(``python tests/sweep.py --from-json path`` prints its summary again).
+(``python -m sweeps.transformers --from-json path`` prints its summary again).
 """
-import contextlib
 import functools
-import os
 
 import pytest
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
+from sweeps import harness  # noqa: E402
 from sweeps import transformers as sweep  # noqa: E402
 
 # One architecture per kind of non-persistent buffer (all have some in transformers 4.57 and 5.x;
@@ -50,18 +50,16 @@ FLOW = "torch.device('meta')"
 
 @functools.cache
 def checked(model_type):
-    return sweep.check(model_type)
+    return harness.check(sweep.case(model_type))
 
 
 @pytest.mark.parametrize("model_type", SUBSET)
 def test_subset_gives_the_reference_in_every_flow(model_type):
     result = checked(model_type)
-    assert result.harness_error is None, result.harness_error
-    assert result.skipped is None
+    harness.assert_exact_with_bufferfix(result)  # and warns about nothing
     assert result.parameters < 2_000_000, "no longer tiny, CI would slow down: %s" % result.level
     assert result.inputs.startswith("compared"), result.inputs
-    assert set(result.with_bufferfix) == set(sweep.ALL_FLOWS)
-    assert result.broken() == {}, result.describe()
+    assert set(result.with_bufferfix) == set(harness.GENERIC_FLOWS) | {sweep.FROM_PRETRAINED}
 
 
 @pytest.mark.parametrize("model_type", SUBSET)
@@ -69,7 +67,7 @@ def test_subset_is_broken_without_bufferfix(model_type):
     """Each architecture of the subset earns its place: its buffers really are lost without bufferfix."""
     result = checked(model_type)
     assert result.buffers or result.attributes
-    assert result.problems(FLOW, enabled=False), "%s is not broken without bufferfix" % model_type
+    harness.assert_broken_without_bufferfix(result, flows=[FLOW])
 
 
 # --------------------------------------------------------------------------- the full sweep (slow)
@@ -81,25 +79,17 @@ WITHOUT_MODEL_CLASS = sorted(model_type for model_type, name in ARCHITECTURES.it
 @pytest.fixture(scope="module")
 def sweep_results(request):
     """Collects every result of the full sweep; prints the summary (and writes JSON) at the end."""
-    results = [sweep.check(model_type) for model_type in WITHOUT_MODEL_CLASS]  # skipped: no model class
+    results = [harness.check(sweep.case(model_type)) for model_type in WITHOUT_MODEL_CLASS]  # skipped: no class
     yield results
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    if reporter is not None:
-        with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
-            reporter.line("")
-            reporter.write_sep("=", "architecture sweep")
-            reporter.write_line(sweep.summary(results))
-    if os.environ.get("BUFFERFIX_SWEEP_JSON"):
-        sweep.write_json(os.environ["BUFFERFIX_SWEEP_JSON"], results)
+    harness.report_at_end(request, sweep.LIBRARY, results)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model_type", sorted(set(ARCHITECTURES) - set(WITHOUT_MODEL_CLASS)))
 def test_every_architecture(model_type, sweep_results):
-    result = sweep.check(model_type, ARCHITECTURES[model_type])
+    result = harness.check(sweep.case(model_type, ARCHITECTURES[model_type]))
     sweep_results.append(result)
     assert result.harness_error is None, result.harness_error
     if result.skipped:
         pytest.skip(result.skipped)
-    assert result.broken() == {}, result.describe()
+    harness.assert_exact_with_bufferfix(result)

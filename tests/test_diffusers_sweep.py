@@ -1,11 +1,11 @@
-"""Issue 14, diffusers: a fixed subset of tests/sweep_diffusers.py, one model class per kind of buffer.
+"""diffusers: a fixed subset of the diffusers sweep (tests/sweeps/diffusers.py), one model class per kind of buffer.
 
 Each runs every meta flow, ``load_state_dict(assign=True)`` and diffusers' own loading paths
 (``from_pretrained(low_cpu_mem_usage=True)``, ``from_pretrained(device_map="cpu")``), with and
 without bufferfix, bit for bit against a normal build.  The full sweep (every ``ModelMixin`` class,
 its default config shrunk; about twenty minutes on 2 cores)::
 
-    python -m pytest -m slow tests/test_diffusers_sweep.py      # or: python tests/sweep_diffusers.py
+    python -m pytest -m slow tests/test_diffusers_sweep.py      # or, in tests/: python -m sweeps.diffusers
 """
 import functools
 
@@ -14,8 +14,8 @@ import pytest
 pytest.importorskip("diffusers")
 pytest.importorskip("accelerate")
 
-from sweeps import diffusers as sweep_diffusers
-from sweeps import harness as libsweep
+from sweeps import diffusers as sweep
+from sweeps import harness
 
 SUBSET = {
     "diffusers.PriorTransformer": "bool causal-mask buffer",
@@ -28,28 +28,37 @@ SUBSET = {
 # Legacy weight norm: ``weight`` is a plain attribute its hook recomputes from parameters before every
 # forward.  Nothing is lost without bufferfix; with it, nothing may be reported lost either.
 WEIGHT_NORM = {"diffusers.MiniMaxMusic3Vocoder": "torch.nn.utils.weight_norm on every conv"}
-CASES = libsweep.subset(sweep_diffusers.cases(), list(SUBSET) + list(WEIGHT_NORM))
+CASES = harness.subset(sweep.cases(), list(SUBSET) + list(WEIGHT_NORM))
 
 
 @functools.cache
 def checked(name):
-    return libsweep.check(CASES[name])
+    return harness.check(CASES[name])
 
 
 @pytest.mark.parametrize("name", list(SUBSET) + list(WEIGHT_NORM))
 def test_subset_gives_the_reference_in_every_flow(name):
-    libsweep.assert_exact_with_bufferfix(checked(name))  # and warns about nothing
+    harness.assert_exact_with_bufferfix(checked(name))  # and warns about nothing
 
 
 @pytest.mark.parametrize("name", SUBSET)
 def test_subset_is_broken_without_bufferfix(name):
-    libsweep.assert_broken_without_bufferfix(checked(name))
+    harness.assert_broken_without_bufferfix(checked(name))
+
+
+@pytest.fixture(scope="module")
+def sweep_results(request):
+    """Collects every result of the full sweep; prints the summary (and writes JSON) at the end."""
+    results = []
+    yield results
+    harness.report_at_end(request, sweep.LIBRARY, results)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", sweep_diffusers.cases(), ids=lambda case: case.name)
-def test_every_model_class(case):
-    result = libsweep.check(case)
+@pytest.mark.parametrize("case", sweep.cases(), ids=lambda case: case.name)
+def test_every_model_class(case, sweep_results):
+    result = harness.check(case)
+    sweep_results.append(result)
     if result.skipped:
         pytest.skip(result.skipped)
-    libsweep.assert_exact_or_named(result)
+    harness.assert_exact_or_named(result)

@@ -1,11 +1,11 @@
-"""Issue 14, PEFT: a fixed subset of tests/sweep_peft.py, one tuner per kind of buffer, on a tiny Llama.
+"""PEFT: a fixed subset of the PEFT sweep (tests/sweeps/peft.py), one tuner per kind of buffer, on a tiny Llama.
 
 Each runs every meta flow, ``load_state_dict(assign=True)`` and PEFT's own paths (``get_peft_model``
 and ``PeftModel.from_pretrained(..., low_cpu_mem_usage=True)`` on a meta base, and on a base from
 transformers' ``from_pretrained``), with and without bufferfix, bit for bit against a normal build.
 The full sweep (every tuner type PEFT registers; about a minute)::
 
-    python -m pytest -m slow tests/test_peft_sweep.py            # or: python tests/sweep_peft.py
+    python -m pytest -m slow tests/test_peft_sweep.py            # or, in tests/: python -m sweeps.peft
 """
 import functools
 import warnings
@@ -15,8 +15,8 @@ import pytest
 pytest.importorskip("peft")
 pytest.importorskip("accelerate")
 
-from sweeps import harness as libsweep
-from sweeps import peft as sweep_peft
+from sweeps import harness
+from sweeps import peft as sweep
 
 import bufferfix
 from bufferfix.recovery import Reason
@@ -35,26 +35,26 @@ SUBSET = {
                     "also back to meta after PeftModel.from_pretrained's load_state_dict(assign=True)",
 }
 FROM_A_PRETRAINED_WEIGHT = ["peft.OSF", "peft.PSOFT", "peft.TRAINABLE_TOKENS"]  # unrecoverable by design
-CASES = libsweep.subset(sweep_peft.cases(), list(SUBSET) + FROM_A_PRETRAINED_WEIGHT)
+CASES = harness.subset(sweep.cases(), list(SUBSET) + FROM_A_PRETRAINED_WEIGHT)
 
 
 @functools.cache
 def checked(name):
-    return libsweep.check(CASES[name])
+    return harness.check(CASES[name])
 
 
 @pytest.mark.parametrize("name", SUBSET)
 def test_subset_gives_the_reference_in_every_flow(name):
-    libsweep.assert_exact_with_bufferfix(checked(name))
+    harness.assert_exact_with_bufferfix(checked(name))
 
 
 @pytest.mark.parametrize("name", SUBSET)
 def test_subset_is_broken_without_bufferfix(name):
-    libsweep.assert_broken_without_bufferfix(checked(name))
+    harness.assert_broken_without_bufferfix(checked(name))
 
 
-@pytest.mark.parametrize("flow", ["torch.device('meta')", sweep_peft.GET_PEFT_MODEL_META,
-                                  sweep_peft.FROM_PRETRAINED_META])
+@pytest.mark.parametrize("flow", ["torch.device('meta')", sweep.GET_PEFT_MODEL_META,
+                                  sweep.FROM_PRETRAINED_META])
 @pytest.mark.parametrize("name", FROM_A_PRETRAINED_WEIGHT)
 def test_buffers_computed_from_a_pretrained_weight_are_named_with_that_reason(name, flow):
     """OSF / PSOFT / TrainableTokens compute these from the base layer's weight when the adapter is made:
@@ -65,10 +65,7 @@ def test_buffers_computed_from_a_pretrained_weight_are_named_with_that_reason(na
     reference = case.build()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        if flow in case.loaders:
-            case.loaders[flow](case.build, reference)
-        else:
-            libsweep.GENERIC_FLOWS[flow](case.build, reference.state_dict())
+        case.all_flows()[flow].load(case.build, reference)
     warned = [w.message for w in caught if isinstance(w.message, bufferfix.UnrecoverableBufferWarning)]
     recoveries = [recovery for message in warned for recovery in message.recoveries]
     declared = {attribute for _, _, attributes in FROM_PRETRAINED_WEIGHT for attribute in attributes}
@@ -79,10 +76,19 @@ def test_buffers_computed_from_a_pretrained_weight_are_named_with_that_reason(na
     assert "make this adapter on a loaded base model" in str(warned[0])
 
 
+@pytest.fixture(scope="module")
+def sweep_results(request):
+    """Collects every result of the full sweep; prints the summary (and writes JSON) at the end."""
+    results = []
+    yield results
+    harness.report_at_end(request, sweep.LIBRARY, results)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("case", sweep_peft.cases(), ids=lambda case: case.name)
-def test_every_tuner(case):
-    result = libsweep.check(case)
+@pytest.mark.parametrize("case", sweep.cases(), ids=lambda case: case.name)
+def test_every_tuner(case, sweep_results):
+    result = harness.check(case)
+    sweep_results.append(result)
     if result.skipped:
         pytest.skip(result.skipped)
-    libsweep.assert_exact_or_named(result)
+    harness.assert_exact_or_named(result)

@@ -1,8 +1,8 @@
-"""Issue 14, timm: timm architectures through every meta flow and timm's own meta path.
+"""timm architectures through every meta flow and timm's own meta path (tests/sweeps/timm.py).
 
 Each model is built normally as the reference (``torch.manual_seed(0)``) and then through every
-flow of ``tests/sweep_timm.py`` (bufferfix.flows.FLOWS, ``load_state_dict(assign=True)``,
-``timm.create_model(name, device="meta")`` -> ``to_empty`` -> load), with and without bufferfix;
+flow of the sweep harness, ``timm.create_model(name, device="meta")`` -> ``to_empty`` -> load, and
+that path followed by timm's own ``reinit_non_persistent_buffers``, with and without bufferfix;
 non-persistent buffers, plain tensor attributes, tensors in container attributes, sharing, the
 state dict and the outputs on an image must match bit for bit.
 
@@ -13,18 +13,17 @@ beside the CUDA torch 2.14 here, so these tests run in the ``.ci/run`` leg that 
 ``timm.list_models()`` up to 60M parameters, default arguments, hours on 2 cores)::
 
     python -m pytest -m slow tests/test_timm_sweep.py
-    python tests/sweep_timm.py --report          # the same sweep as a script, with the summary
+    cd tests && python -m sweeps.timm          # the same sweep as a command, with the summary
 """
-import contextlib
 import functools
-import os
 
 import pytest
 
 timm = pytest.importorskip("timm")
 pytest.importorskip("accelerate")
 
-from sweeps import timm as sweep_timm  # noqa: E402
+from sweeps import harness  # noqa: E402
+from sweeps import timm as sweep  # noqa: E402
 
 # name -> (create_model arguments that make it small, what kind of buffer it covers)
 SUBSET = {
@@ -43,23 +42,20 @@ SUBSET = {
     "levit_128s": ({}, "LeViT attention_bias_idxs (conv and subsample attention)"),
     "resnetblur18": (dict(layers=(1, 1, 1, 1)), "BlurPool filter buffers"),
 }
+FLOWS = list(harness.GENERIC_FLOWS) + [sweep.TIMM_META, sweep.TIMM_REINIT]
+
 
 @functools.cache
 def checked(name):
-    return sweep_timm.check(name, model_kwargs=SUBSET[name][0])
+    return harness.check(sweep.case(name, model_kwargs=SUBSET[name][0]))
 
 
-@pytest.mark.parametrize("name, flow", [(name, flow) for name in SUBSET for flow in sweep_timm.ALL_FLOWS])
+@pytest.mark.parametrize("name, flow", [(name, flow) for name in SUBSET for flow in FLOWS])
 def test_subset_gives_the_reference(name, flow):
     result = checked(name)
-    assert result.harness_error is None, result.harness_error
-    assert result.skipped is None, result.skipped
+    harness.assert_exact_with_bufferfix(result, flows=[flow])  # raising both ways: the flow does not apply
     assert result.parameters < 10_000_000, "no longer small, CI would slow down"
     assert result.inputs.startswith("compared"), result.inputs
-    ran = result.with_bufferfix[flow]
-    assert not ran.error or result.without_bufferfix[flow].error, ran.error  # raising both ways: n/a
-    assert result.problems(flow) == [], result.describe()
-    assert ran.warnings == [], "exact, so bufferfix must not warn"
 
 
 @pytest.mark.parametrize("name", SUBSET)
@@ -68,8 +64,7 @@ def test_subset_is_broken_without_bufferfix(name):
     PyTorch-documented flow and in timm's own create_model(device="meta")."""
     result = checked(name)
     assert result.buffers
-    for flow in ("torch.device('meta')", sweep_timm.TIMM_META):
-        assert result.problems(flow, enabled=False), "%s is not broken without bufferfix in %s" % (name, flow)
+    harness.assert_broken_without_bufferfix(result, flows=["torch.device('meta')", sweep.TIMM_META])
 
 
 @pytest.mark.parametrize("name", SUBSET)
@@ -77,12 +72,12 @@ def test_timm_reinit_non_persistent_buffers_is_the_normal_build_too(name):
     """timm's manual fix (without bufferfix) gives the same values as the normal build, so the
     reference bufferfix is held to is the one timm itself restores."""
     result = checked(name)
-    assert result.timm_reinit_fixes(), result.describe(enabled=False)
+    assert result.fix_works(sweep.TIMM_REINIT), result.describe(enabled=False)
 
 
 # --------------------------------------------------------------------------- the full sweep (slow)
 
-ARCHITECTURES = sweep_timm.architectures()
+ARCHITECTURES = sweep.architectures()
 
 
 @pytest.fixture(scope="module")
@@ -90,23 +85,15 @@ def sweep_results(request):
     """Collects every result of the full sweep; prints the summary (and writes JSON) at the end."""
     results = []
     yield results
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    if reporter is not None and results:
-        with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
-            reporter.line("")
-            reporter.write_sep("=", "timm sweep")
-            reporter.write_line(sweep_timm.summary(results))
-    if os.environ.get("BUFFERFIX_SWEEP_JSON") and results:
-        sweep_timm.write_json(os.environ["BUFFERFIX_SWEEP_JSON"], results)
+    harness.report_at_end(request, sweep.LIBRARY, results)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
 def test_every_architecture(name, sweep_results):
-    result = sweep_timm.check(name, ARCHITECTURES[name])
+    result = harness.check(sweep.case(name, ARCHITECTURES[name]))
     sweep_results.append(result)
     assert result.harness_error is None, result.harness_error
     if result.skipped:
         pytest.skip(result.skipped)
-    assert result.broken() == {}, result.describe()
+    harness.assert_exact_with_bufferfix(result)

@@ -1,10 +1,10 @@
-"""Issue 14, torchtune: a fixed subset of tests/sweep_torchtune.py, one builder per kind of buffer.
+"""torchtune: a fixed subset of the torchtune sweep (tests/sweeps/torchtune.py), one builder per kind of buffer.
 
 Each runs every meta flow, ``load_state_dict(assign=True)`` and torchtune's recipe path, with and
 without bufferfix, bit for bit against a normal build.  The full sweep (every builder, plain / LoRA /
 DoRA; about a minute)::
 
-    python -m pytest -m slow tests/test_torchtune_sweep.py      # or: python tests/sweep_torchtune.py
+    python -m pytest -m slow tests/test_torchtune_sweep.py      # or, in tests/: python -m sweeps.torchtune
 """
 import functools
 
@@ -13,8 +13,8 @@ import pytest
 pytest.importorskip("torchtune")
 pytest.importorskip("accelerate")
 
-from sweeps import harness as libsweep
-from sweeps import torchtune as sweep_torchtune
+from sweeps import harness
+from sweeps import torchtune as sweep
 
 SUBSET = {
     "torchtune.llama3.llama3": "RotaryPositionalEmbeddings theta / cache, one module shared by every layer",
@@ -23,28 +23,37 @@ SUBSET = {
     "torchtune.qwen2.lora_qwen2": "RoPE under LoRA layers",
     "torchtune.t5.t5_encoder": "T5 relative-position bucket table",
 }
-CASES = libsweep.subset(sweep_torchtune.cases(), SUBSET)
+CASES = harness.subset(sweep.cases(), SUBSET)
 
 
 @functools.cache
 def checked(name):
-    return libsweep.check(CASES[name])
+    return harness.check(CASES[name])
 
 
 @pytest.mark.parametrize("name", SUBSET)
 def test_subset_gives_the_reference_in_every_flow(name):
-    libsweep.assert_exact_with_bufferfix(checked(name))
+    harness.assert_exact_with_bufferfix(checked(name))
 
 
 @pytest.mark.parametrize("name", SUBSET)
 def test_subset_is_broken_without_bufferfix(name):
-    libsweep.assert_broken_without_bufferfix(checked(name))
+    harness.assert_broken_without_bufferfix(checked(name))
+
+
+@pytest.fixture(scope="module")
+def sweep_results(request):
+    """Collects every result of the full sweep; prints the summary (and writes JSON) at the end."""
+    results = []
+    yield results
+    harness.report_at_end(request, sweep.LIBRARY, results)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", sweep_torchtune.cases(), ids=lambda case: case.name)
-def test_every_builder(case):
-    result = libsweep.check(case)
+@pytest.mark.parametrize("case", sweep.cases(), ids=lambda case: case.name)
+def test_every_builder(case, sweep_results):
+    result = harness.check(case)
+    sweep_results.append(result)
     if result.skipped:
         pytest.skip(result.skipped)
-    libsweep.assert_exact_or_named(result)
+    harness.assert_exact_or_named(result)

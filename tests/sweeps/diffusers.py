@@ -1,15 +1,14 @@
-"""The diffusers sweep (issue 14): every ``ModelMixin`` class diffusers exports, built from its
-default config shrunk generically (layers, channels, heads, widths, sample size, RoPE axes), through
-every meta flow and diffusers' own loading paths (``save_pretrained`` then
-``from_pretrained(low_cpu_mem_usage=True)`` and ``from_pretrained(device_map="cpu")``), compared
-bit for bit with a normal build (tests/libsweep.py).
+"""The diffusers sweep: every ``ModelMixin`` class diffusers exports, built from its default config
+shrunk generically (layers, channels, heads, widths, sample size, RoPE axes), through every flow of the
+harness and diffusers' own loading paths (``save_pretrained`` then
+``from_pretrained(low_cpu_mem_usage=True)`` and ``from_pretrained(device_map="cpu")``).
 
 Like the transformers sweep, each class gets the first of :data:`LEVELS` whose model builds and is
 under :data:`MAX_PARAMETERS`; a class none of them builds is listed as skipped, with each level's
 error.  Outputs are compared where a generic input fits (``sample`` [+ ``timestep``]
 [+ ``encoder_hidden_states``]); everything else is compared on every class.
 
-    python tests/sweep_diffusers.py [--json out.json] [name ...]
+    python -m sweeps.diffusers [--json out.json] [name ...]     # from tests/
 """
 import inspect
 import os
@@ -19,7 +18,7 @@ import tempfile
 
 import torch
 
-from . import harness as libsweep
+from . import harness
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -127,12 +126,14 @@ def tiny_kwargs(cls):
     for level, what in LEVELS:
         kwargs = shrink(_defaults(cls), what)
         try:
-            with libsweep.bufferfix_enabled(False), init_empty_weights():
+            with harness.bufferfix_enabled(False), init_empty_weights():
                 sized = cls(**kwargs)
             parameters = sum(p.numel() for p in sized.parameters())
             del sized
+        except harness.OverTime:
+            raise
         except Exception as exc:  # noqa: BLE001
-            errors.append("%s: %s" % (level, libsweep._error(exc)[:160]))
+            errors.append("%s: %s" % (level, harness.error_text(exc)[:160]))
             continue
         if parameters > MAX_PARAMETERS:
             errors.append("%s: %.1fM parameters, over the %dM limit" % (level, parameters / 1e6,
@@ -148,7 +149,7 @@ def _inputs(model):
     parameters = list(inspect.signature(model.forward).parameters)
     config = model.config
     if not parameters or parameters[0] != "sample" or not _int(config.get("in_channels")):
-        raise TypeError("no generic input for forward(%s)" % ", ".join(parameters[:3]))
+        raise harness.NoInput("no generic input for forward(%s)" % ", ".join(parameters[:3]))
     size = config.get("sample_size") or SAMPLE
     size = size if _int(size) else tuple(size)[0]
     generator = torch.Generator().manual_seed(1)
@@ -169,26 +170,43 @@ def _from_pretrained(**options):
     return load
 
 
+LOADERS = {LOW_CPU_MEM: harness.Flow(_from_pretrained(low_cpu_mem_usage=True), from_files=True),
+           DEVICE_MAP: harness.Flow(_from_pretrained(device_map="cpu"), from_files=True)}
+
+
+def case(cls):
+    found = {}  # (level, kwargs), once the first build has found them
+
+    def build():
+        if not found:
+            torch_state = torch.random.get_rng_state()
+            try:
+                found["level"], found["kwargs"] = tiny_kwargs(cls)
+            finally:
+                torch.random.set_rng_state(torch_state)
+        return cls(**found["kwargs"])
+
+    return harness.Case("diffusers." + cls.__name__, build, inputs=_inputs, loaders=LOADERS,
+                        level=lambda: found.get("level"))
+
+
 def cases():
-    found = []
-    for cls in model_classes():
-        def build(cls=cls, memo={}):  # noqa: B006 - the memo is meant to outlive the call
-            if cls not in memo:
-                torch_state = torch.random.get_rng_state()
-                try:
-                    memo[cls] = tiny_kwargs(cls)[1]
-                finally:
-                    torch.random.set_rng_state(torch_state)
-            return cls(**memo[cls])
-
-        found.append(libsweep.Case("diffusers." + cls.__name__, build, inputs=_inputs,
-                                   loaders={LOW_CPU_MEM: _from_pretrained(low_cpu_mem_usage=True),
-                                            DEVICE_MAP: _from_pretrained(device_map="cpu")}))
-    return found
+    return [case(cls) for cls in model_classes()]
 
 
-if __name__ == "__main__":
+def _version():
+    import diffusers
+
+    return "diffusers %s, torch %s" % (diffusers.__version__, torch.__version__)
+
+
+def _quiet():
     import diffusers
 
     diffusers.utils.logging.set_verbosity_error()
-    sys.exit(libsweep.main("diffusers", cases()))
+
+
+LIBRARY = harness.Library("diffusers", cases, _version, quiet=_quiet)
+
+if __name__ == "__main__":
+    sys.exit(harness.main(LIBRARY))

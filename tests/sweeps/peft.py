@@ -1,6 +1,6 @@
-"""The PEFT sweep (issue 14): every tuner type PEFT registers, on a tiny transformers Llama, through
-every meta flow and PEFT's own loading paths, compared bit for bit with a normal build
-(``get_peft_model`` on a normally built base; tests/libsweep.py).
+"""The PEFT sweep: every tuner type PEFT registers, on a tiny transformers Llama, through every flow
+of the harness and PEFT's own loading paths (the reference: ``get_peft_model`` on a normally built
+base).
 
 PEFT's own paths:
 
@@ -12,7 +12,7 @@ PEFT's own paths:
 Tuners whose projections are not saved (VeRA, RandLoRA, ... with ``save_projection=False``) are
 run both ways.  A tuner type whose config cannot be made for a causal LM is listed as skipped.
 
-    python tests/sweep_peft.py [--json out.json] [name ...]
+    python -m sweeps.peft [--json out.json] [name ...]     # from tests/
 """
 import os
 import sys
@@ -20,7 +20,7 @@ import tempfile
 
 import torch
 
-from . import harness as libsweep
+from . import harness
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -103,7 +103,7 @@ def tuner_configs():
             try:
                 found.append((name + suffix, cls(**dict(base, **extra, **more))))
             except Exception as exc:  # noqa: BLE001
-                found.append((name + suffix, "config: " + libsweep._error(exc)))
+                found.append((name + suffix, "config: " + harness.error_text(exc, 300)))
     return found
 
 
@@ -175,18 +175,30 @@ def cases():
             def cannot(why=config):
                 raise TypeError(why)
 
-            found.append(libsweep.Case("peft." + name, cannot))
+            found.append(harness.Case("peft." + name, cannot))
             continue
-        found.append(libsweep.Case(
+        found.append(harness.Case(
             "peft." + name, lambda config=config: _peft_model(config), inputs=_input_ids,
-            loaders={GET_PEFT_MODEL_META: _get_peft_model_meta(config),
-                     FROM_PRETRAINED_META: _from_pretrained_meta(config),
-                     FROM_PRETRAINED: _from_pretrained(config)}))
+            loaders={GET_PEFT_MODEL_META: harness.Flow(_get_peft_model_meta(config)),
+                     FROM_PRETRAINED_META: harness.Flow(_from_pretrained_meta(config), from_files=True),
+                     FROM_PRETRAINED: harness.Flow(_from_pretrained(config), from_files=True)}))
     return found
 
 
-if __name__ == "__main__":
+def _version():
+    import peft
+    import transformers
+
+    return "peft %s, transformers %s, torch %s" % (peft.__version__, transformers.__version__, torch.__version__)
+
+
+def _quiet():
     import transformers
 
     transformers.logging.set_verbosity_error()
-    sys.exit(libsweep.main("peft", cases()))
+
+
+LIBRARY = harness.Library("peft", cases, _version, quiet=_quiet)
+
+if __name__ == "__main__":
+    sys.exit(harness.main(LIBRARY))

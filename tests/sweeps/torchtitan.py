@@ -1,13 +1,12 @@
-"""The torchtitan sweep (issue 14): every ``debugmodel*`` flavor of every torchtitan model that
-imports on CPU, made smaller still (2 layers, a short RoPE table), through every meta flow and
-torchtitan's own trainer path (``to_empty`` then ``init_weights(buffer_device=None)``, as
-``Trainer`` does on one device, then the checkpoint's state dict), compared bit for bit with a
-normal build (tests/libsweep.py).
+"""The torchtitan sweep: every ``debugmodel*`` flavor of every torchtitan model that imports on CPU,
+made smaller still (2 layers, a short RoPE table), through every flow of the harness and torchtitan's
+own trainer path (``to_empty`` then ``init_weights(buffer_device=None)``, as ``Trainer`` does on one
+device, then the checkpoint's state dict).
 
 torchtitan 0.3.0 imports triton at import time (its MoE token dispatcher), so it needs the
 ``triton`` wheel even on CPU.  qwen3_5 needs flash-linear-attention (``fla``) and is left out.
 
-    python tests/sweep_torchtitan.py [--json out.json] [name ...]
+    python -m sweeps.torchtitan [--json out.json] [name ...]     # from tests/
 """
 import dataclasses
 import importlib
@@ -15,7 +14,7 @@ import sys
 
 import torch
 
-from . import harness as libsweep
+from . import harness
 
 FAMILIES = ["llama3", "qwen3", "qwen3_5", "deepseek_v3", "gpt_oss", "kimi_k2_7", "muse_glimmer", "flux"]
 MAX_SEQ_LEN = 64
@@ -76,6 +75,9 @@ def _trainer(build, reference):
     return model
 
 
+LOADERS = {TRAINER: harness.Flow(_trainer)}
+
+
 def _tokens(model):
     vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 256
     tokens = torch.randint(0, min(vocab, 256), (2, 8), generator=torch.Generator().manual_seed(1))
@@ -90,15 +92,23 @@ def cases():
         def build(registry=registry, flavor=flavor):
             return _config(registry, flavor).build()
 
-        result.append(libsweep.Case("torchtitan.%s.%s" % (family, flavor), build,
-                                    inputs=None if family == "flux" else _tokens, loaders={TRAINER: _trainer}))
+        result.append(harness.Case("torchtitan.%s.%s" % (family, flavor), build,
+                                   inputs=None if family == "flux" else _tokens, loaders=LOADERS))
     for family, why in missing.items():
         def cannot(why=why):
             raise ImportError(why)
 
-        result.append(libsweep.Case("torchtitan.%s" % family, cannot))
+        result.append(harness.Case("torchtitan.%s" % family, cannot))
     return result
 
 
+def _version():
+    from importlib.metadata import version
+
+    return "torchtitan %s, torch %s" % (version("torchtitan"), torch.__version__)
+
+
+LIBRARY = harness.Library("torchtitan", cases, _version)
+
 if __name__ == "__main__":
-    sys.exit(libsweep.main("torchtitan", cases()))
+    sys.exit(harness.main(LIBRARY))

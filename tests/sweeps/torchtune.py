@@ -1,14 +1,14 @@
-"""The torchtune sweep (issue 14): every model-level component builder (the builders behind every
+"""The torchtune sweep: every model-level component builder (the builders behind every
 ``torchtune.models.*`` model builder: llama2 / 3 / 3.1 / 3.2, gemma, gemma2, mistral, phi3, qwen2,
-t5, their classifiers), with tiny dims, plain and with LoRA and DoRA, through every meta flow and
-torchtune's own recipe path (meta build, then ``load_from_full_model_state_dict`` without
-the recipes' manual ``rope_init()``), compared bit for bit with a normal build (tests/libsweep.py).
+t5, their classifiers), with tiny dims, plain and with LoRA and DoRA, through every flow of the
+harness and torchtune's own recipe path (meta build, then ``load_from_full_model_state_dict``
+without the recipes' manual ``rope_init()``).
 
 The recipe path with the recipes' manual ``m.rope_init()`` is measured too (torchtune's own fix).
 Builders importing torchvision (clip, llama3_2_vision, flux) are left out: PyPI's torchvision does
 not import beside the CPU torch 2.13.
 
-    python tests/sweep_torchtune.py [--json out.json] [name ...]
+    python -m sweeps.torchtune [--json out.json] [name ...]     # from tests/, in a venv with torchtune
 """
 import importlib
 import inspect
@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from . import harness as libsweep
+from . import harness
 
 TINY = dict(vocab_size=128, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64, head_dim=16,
             intermediate_dim=128, max_seq_len=64, lora_rank=4, lora_alpha=8.0, num_classes=3, mlp_dim=128,
@@ -107,17 +107,21 @@ def _tokens(model):
     return dict(tokens=torch.randint(0, TINY["vocab_size"], (2, length), generator=torch.Generator().manual_seed(1)))
 
 
-def cases():
-    found = []
-    for name, function, kwargs in builders():
-        found.append(libsweep.Case(
-            name="torchtune." + name,
-            build=lambda function=function, kwargs=kwargs: _initialise_dora(function(**kwargs)),
-            inputs=_tokens,
-            loaders={RECIPE: _recipe(False), RECIPE_WITH_ROPE_INIT: _recipe(True)},
-        ))
-    return found
+LOADERS = {RECIPE: harness.Flow(_recipe(False)), RECIPE_WITH_ROPE_INIT: harness.Flow(_recipe(True), fixes=RECIPE)}
 
+
+def cases():
+    return [harness.Case("torchtune." + name, lambda function=function, kwargs=kwargs: _initialise_dora(
+        function(**kwargs)), inputs=_tokens, loaders=LOADERS) for name, function, kwargs in builders()]
+
+
+def _version():
+    import torchtune
+
+    return "torchtune %s, torch %s" % (torchtune.__version__, torch.__version__)
+
+
+LIBRARY = harness.Library("torchtune", cases, _version)
 
 if __name__ == "__main__":
-    sys.exit(libsweep.main("torchtune", cases()))
+    sys.exit(harness.main(LIBRARY))
