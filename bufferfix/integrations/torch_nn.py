@@ -220,7 +220,7 @@ class TorchNN(Integration):
             if current_new is None:  # while their C slot is still object.__new__'s: see keep_c_constructor
                 recording.keep_c_constructor(self.unrecorded_classes)
             hook = staticmethod(recording.constructor_hook(self, self.unrecorded_classes))
-            nn.Module.__new__ = hook  # type: ignore[method-assign]  # patching torch's class is the point
+            nn.Module.__new__ = hook  # type: ignore[method-assign, assignment]  # patching torch's class is the point
             recording.hook_subclasses_of(self.unrecorded_classes, hook)
             nn.Module.__init_subclass__ = classmethod(_init_subclass)  # type: ignore[method-assign, assignment]  # as __new__
         else:
@@ -243,7 +243,7 @@ class TorchNN(Integration):
         if self._buffer_hook is not None:
             self._buffer_hook.remove()
             self._buffer_hook = None
-        hook = nn.Module.__dict__.get("__new__")
+        hook: Any = nn.Module.__dict__.get("__new__")  # ours (a staticmethod), or whatever another library put
         if recording.is_constructor_hook(hook):
             hook.__func__.hooked_classes.clear()  # its fast path: a class in there is recorded at once
         if _is_ours(nn.Module.__dict__.get("__init_subclass__"), "_init_subclass"):

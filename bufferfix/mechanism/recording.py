@@ -12,28 +12,55 @@ materialised, and for modules materialised one at a time (FSDP1's ``param_init_f
 parent keeps its record until every descendant still on meta has been materialised,
 since a buffer its constructor put on a child can only come from replaying the parent.
 """
+from __future__ import annotations
+
 import itertools
 import logging
 import sys
 import threading
+import types
 import weakref
+from collections.abc import Collection, Iterable, Iterator
+from typing import Any, Protocol, cast
 
 import torch
 from torch import nn
 
 from . import compat, recipes, signatures
 
+# The raw construction the hook keeps: (weakref to the module, class, args, kwargs or None, default dtype,
+# argument states: see recipes.argument_states).  The arguments are whatever the constructor takes.
+RawRecord = tuple["weakref.ref[nn.Module]", type, tuple[Any, ...], "dict[str, Any] | None", torch.dtype,
+                  "tuple[Any, ...] | str"]
+Record = tuple["weakref.ref[nn.Module]", "recipes.Recipe"] | RawRecord
+
+
+class Switch(Protocol):
+    active: bool  # records are made only while it is true (the torch integration)
+
+
+class ConstructorHook(Protocol):
+    """What :func:`constructor_hook` gives: the ``nn.Module.__new__`` function, and its marks."""
+
+    bufferfix_hook: str
+    hooked_classes: set[type]
+
+    def __call__(self, cls: type[nn.Module], *args: Any, **kwargs: Any) -> nn.Module: ...
+
+
 logger = logging.getLogger("bufferfix")
-_recorded = {}  # id(module) -> (weakref to the module, Recipe) or (weakref, *the raw construction: see the hook)
+_recorded: dict[int, Record] = {}  # id(module) -> (weakref to the module, Recipe) or the raw construction
 _PRUNE_AT_LEAST = 4096
 _prune_at = _PRUNE_AT_LEAST
-_parent_index = None  # id(child) -> (weakref to parent, attribute), built when first asked for
-_awaiting = {}  # id(module) -> [weakref to the module, descendants still on meta]
+# id(child) -> (weakref to parent, attribute), built when first asked for
+_parent_index: dict[int, tuple[weakref.ref[nn.Module], str]] | None = None
+# id(module) -> [weakref to the module, descendants still on meta]: a list, counted down in place
+_awaiting: dict[int, list[Any]] = {}
 
 
 # --------------------------------------------------------------------------- is this module born on meta?
 
-def constructor_hook(switch, unrecorded_classes):
+def constructor_hook(switch: Switch, unrecorded_classes: Collection[type]) -> ConstructorHook:
     """The ``nn.Module.__new__`` that records constructions born (partly) on meta.
 
     Every module of every model is constructed through it, on meta or not (a 70B model: a
@@ -64,7 +91,7 @@ def constructor_hook(switch, unrecorded_classes):
     argument_states, plain_types = recipes.argument_states, recipes.plain_argument_types
     recorded = _recorded
 
-    def recording_new(cls, *args, **kwargs):
+    def recording_new(cls: type[nn.Module], *args: Any, **kwargs: Any) -> nn.Module:
         global _parent_index
         module = new(cls)
         if cls not in hooked_classes and not constructs_through_hook(cls):  # emptied when switched off
@@ -86,7 +113,8 @@ def constructor_hook(switch, unrecorded_classes):
                 return module
             if recipes.replays_running and thread.replaying:
                 return module
-            states = ()  # values only (RMSNorm(4096, eps=1e-5)): no argument object to keep
+            # values only (RMSNorm(4096, eps=1e-5)): no argument object to keep
+            states: tuple[Any, ...] | str | None = ()
             for value in args:
                 if type(value) not in plain_types:
                     states = None
@@ -109,9 +137,9 @@ def constructor_hook(switch, unrecorded_classes):
             logger.exception("bufferfix: could not record the construction of %s", cls.__qualname__)
         return module
 
-    hooked_classes = set()  # classes seen to construct through recording_new while switched on
+    hooked_classes: set[type] = set()  # classes seen to construct through recording_new while switched on
 
-    def constructs_through_hook(cls):
+    def constructs_through_hook(cls: type) -> bool:
         """Is the switch on, and does ``cls(...)`` reach this hook with its own arguments?  Not for
         a class with a ``__new__`` of its own: it calls ``super().__new__(cls)`` without them
         (object.__new__ takes none), and replaying the call as recorded would give the defaults'
@@ -124,12 +152,13 @@ def constructor_hook(switch, unrecorded_classes):
             hooked_classes.add(cls)
         return through
 
-    recording_new.bufferfix_hook = "recording_new"  # recognised after importlib.reload, see torch_nn
-    recording_new.hooked_classes = hooked_classes
-    return recording_new
+    hook = cast(ConstructorHook, recording_new)  # a plain function (the fastest __new__), marked:
+    hook.bufferfix_hook = "recording_new"  # recognised after importlib.reload, see torch_nn
+    hook.hooked_classes = hooked_classes
+    return hook
 
 
-def meta_is_default_device():
+def meta_is_default_device() -> bool:
     """Is ``meta`` the default device of this thread (``with torch.device("meta")``, set_default_device)?
 
     Asked for every module constructed, so the answer is kept for as long as this thread's
@@ -144,7 +173,7 @@ def meta_is_default_device():
     return _meta_on_mode_stack(length)
 
 
-def _meta_on_mode_stack(length):
+def _meta_on_mode_stack(length: int) -> bool:
     global _last_mode_stack
     made = device_contexts_made  # read first: a context made while walking makes the answer stale
     context = compat.device_context()
@@ -153,7 +182,7 @@ def _meta_on_mode_stack(length):
     return meta
 
 
-def device_context_made():
+def device_context_made() -> None:
     """A ``DeviceContext`` was made (``with torch.device(...)``, ``set_default_device``, or the
     integration was switched on): what :func:`meta_is_default_device` kept may be stale."""
     global device_contexts_made
@@ -162,12 +191,13 @@ def device_context_made():
 
 _numbers = itertools.count(1)
 device_contexts_made = 0
-_last_mode_stack = (0, 0, None, False)  # (stack length, device contexts made, thread, is meta the default device?)
+# (stack length, device contexts made, thread, is meta the default device?)
+_last_mode_stack: tuple[int, int, int | None, bool] = (0, 0, None, False)
 _ORIGINAL_REGISTER_PARAMETER = nn.Module.register_parameter
-_last_register_parameter = (_ORIGINAL_REGISTER_PARAMETER, False)
+_last_register_parameter: tuple[object, bool] = (_ORIGINAL_REGISTER_PARAMETER, False)
 
 
-def parameters_put_on_meta():
+def parameters_put_on_meta() -> bool:
     """Has ``nn.Module.register_parameter`` been replaced by a function that puts parameters on
     meta?  accelerate's replacement holds the target device in its closure; the function is
     looked at once, then only compared by identity."""
@@ -187,7 +217,7 @@ def parameters_put_on_meta():
     return on_meta
 
 
-def is_meta_device(value):
+def is_meta_device(value: Any) -> bool:  # a device= argument: whatever the caller passed
     """``"meta"`` or ``torch.device("meta")``, as a ``device=`` argument is given."""
     kind = type(value)
     if kind is str:
@@ -195,7 +225,7 @@ def is_meta_device(value):
     return kind is torch.device and value.type == "meta"
 
 
-def torch_nn_own_classes():
+def torch_nn_own_classes() -> frozenset[type[nn.Module]]:
     """torch.nn's own module classes (Linear, Embedding, LayerNorm, SiLU, ...), containers aside.
 
     None of their constructors makes a non-persistent buffer or a plain tensor attribute
@@ -205,7 +235,8 @@ def torch_nn_own_classes():
     are still recorded: the parent index walks down from recorded modules, and a container is
     often the top of a model (``nn.Sequential(...)``) or between a model and its layers.
     """
-    found, pending = set(), [nn.Module]
+    found: set[type[nn.Module]] = set()
+    pending = [nn.Module]
     while pending:
         for subclass in pending.pop().__subclasses__():
             if subclass not in found:
@@ -216,7 +247,7 @@ def torch_nn_own_classes():
                      if cls.__module__.startswith("torch.nn.modules.") and not issubclass(cls, containers))
 
 
-def keep_c_constructor(leaf_classes):
+def keep_c_constructor(leaf_classes: Collection[type[nn.Module]]) -> None:
     """Give torch.nn's leaf classes C's ``object.__new__`` in their own class dict, before
     ``nn.Module.__new__`` is set: CPython then keeps their C constructor slot, and does not
     route them through the Python hook (562 of a 70B Llama's 1047 constructions).
@@ -226,11 +257,11 @@ def keep_c_constructor(leaf_classes):
     constructor's arguments."""
     for cls in leaf_classes:
         if "__new__" not in cls.__dict__:
-            cls.__new__ = object.__new__
+            cls.__new__ = object.__new__  # type: ignore[method-assign]  # patching torch's classes
     signatures.keep_signatures(leaf_classes, is_constructor_hook)  # inspect.signature as if these __new__s were not there
 
 
-def hook_subclasses_of(leaf_classes, hook):
+def hook_subclasses_of(leaf_classes: Collection[type[nn.Module]], hook: object) -> None:
     """Classes made from a leaf class outside torch.nn (``class MyNorm(nn.LayerNorm)``, which may
     register a buffer) inherit the leaf's C constructor: give them the recording hook.  Classes
     made later get it from ``nn.Module.__init_subclass__`` (the torch_nn integration).  A hook
@@ -243,18 +274,18 @@ def hook_subclasses_of(leaf_classes, hook):
             seen.add(subclass)
             pending.append(subclass)
             if inherits_c_constructor(subclass) or is_constructor_hook(subclass.__dict__.get("__new__")):
-                subclass.__new__ = hook
+                subclass.__new__ = hook  # type: ignore[method-assign, assignment]  # the hook, as nn.Module's
 
 
-def inherits_c_constructor(cls):
+def inherits_c_constructor(cls: type) -> bool:
     """Does ``cls`` construct through a leaf class's ``object.__new__`` (no ``__new__`` of its own)?"""
     return "__new__" not in cls.__dict__ and cls.__new__ is object.__new__
 
 
-_own_new = {}  # class -> has it a __new__ of its own (never recorded)?
+_own_new: dict[type, bool] = {}  # class -> has it a __new__ of its own (never recorded)?
 
 
-def unrecordable(cls):
+def unrecordable(cls: type) -> bool:
     """Is ``cls`` a class whose constructions are never recorded, because it has a ``__new__`` of
     its own (see ``constructs_through_hook``)?  Planning looks at such modules' containers anyway:
     a tensor on meta there must be named."""
@@ -267,7 +298,7 @@ def unrecordable(cls):
     return verdict
 
 
-def is_constructor_hook(candidate):
+def is_constructor_hook(candidate: object) -> bool:
     """Is this (a staticmethod of) a :func:`constructor_hook`, maybe from before a reload?"""
     return getattr(getattr(candidate, "__func__", candidate), "bufferfix_hook", None) == "recording_new"
 
@@ -277,7 +308,7 @@ def is_constructor_hook(candidate):
 _registered = compat.WeakIdKeyDictionary()  # meta tensor -> weakref to the module whose constructor set it, or None
 
 
-def buffer_registered(module, name, tensor):
+def buffer_registered(module: nn.Module, name: str, tensor: torch.Tensor | None) -> None:
     """A global buffer-registration hook (``register_buffer`` and ``module.name = tensor`` alike):
     notes who put a meta tensor into a buffer slot, so that a replay is used only where it gives the
     tensor as the constructor left it.
@@ -292,7 +323,7 @@ def buffer_registered(module, name, tensor):
     if tensor is None or not tensor.is_meta or (recipes.replays_running and recipes.thread_state.replaying):
         return None
     try:
-        frame = sys._getframe(1)
+        frame: types.FrameType | None = sys._getframe(1)
         while frame is not None:
             code_name = frame.f_code.co_name
             if code_name == "__init__" or code_name == "_apply":
@@ -312,18 +343,18 @@ def buffer_registered(module, name, tensor):
     return None
 
 
-def set_outside_construction(tensor):
+def set_outside_construction(tensor: torch.Tensor) -> bool:
     """Was the meta tensor put into its buffer slot by code outside any constructor?"""
     return tensor in _registered and _registered[tensor] is None
 
 
-def constructed_by(tensor):
+def constructed_by(tensor: torch.Tensor) -> nn.Module | None:
     """The module whose constructor put the meta tensor into its buffer slot, if known and alive."""
     owner = _registered.get(tensor)
     return owner() if owner is not None else None
 
 
-def follow_tensor_copy(original, copy):
+def follow_tensor_copy(original: torch.Tensor, copy: torch.Tensor) -> None:
     """``copy.deepcopy`` of a meta tensor keeps what was noted of it."""
     if original in _registered:
         _registered[copy] = _registered[original]
@@ -331,7 +362,7 @@ def follow_tensor_copy(original, copy):
 
 # --------------------------------------------------------------------------- the side table
 
-def _prune():
+def _prune() -> None:
     """Entries are not removed when their module dies (a weakref callback per module costs more
     than the whole record): sweep the dead ones whenever the table has doubled."""
     global _prune_at
@@ -344,14 +375,14 @@ def _prune():
     _prune_at = max(_PRUNE_AT_LEAST, 2 * len(_recorded))
 
 
-def was_recorded(module):
+def was_recorded(module: nn.Module) -> bool:
     """Was ``module`` built on meta (and not yet materialised)?  Cheaper than :func:`recipe_of`,
     which makes and interns the Recipe."""
     entry = _recorded.get(id(module))
     return entry is not None and entry[0]() is module
 
 
-def recipe_of(module):
+def recipe_of(module: nn.Module) -> recipes.Recipe | None:
     """The module's Recipe if it was built on meta (made from the raw record on first use)."""
     entry = _recorded.get(id(module))
     if entry is None or entry[0]() is not module:
@@ -364,19 +395,20 @@ def recipe_of(module):
     return recipe
 
 
-def has_any():
+def has_any() -> bool:
     return bool(_recorded)
 
 
-def live_records():
+def live_records() -> int:
     """How many live modules have a record (dead entries are swept first)."""
     _prune()
     return len(_recorded)
 
 
-def replay_nbytes():
+def replay_nbytes() -> int:
     """Bytes of the tensors in the replays cached on live recipes."""
-    seen, total = set(), 0
+    seen: set[int] = set()
+    total = 0
     for entry in [entry[1] for entry in list(_recorded.values()) if len(entry) == 2]:
         for slot in ("_replayed", "_replayed_real"):
             cached = getattr(entry, slot, None)
@@ -387,7 +419,7 @@ def replay_nbytes():
     return total
 
 
-def follow_copy(original, copy):
+def follow_copy(original: nn.Module, copy: nn.Module) -> None:
     """``copy.deepcopy`` of a meta-built module keeps its recipe."""
     global _parent_index
     entry = _recorded.get(id(original))
@@ -398,7 +430,7 @@ def follow_copy(original, copy):
 
 # --------------------------------------------------------------------------- the module tree
 
-def owners(module, name):
+def owners(module: nn.Module, name: str) -> Iterator[tuple[nn.Module, str]]:
     """``(module, name)``, then each ancestor with the name relative to it."""
     yield module, name
     seen = {id(module)}
@@ -411,13 +443,13 @@ def owners(module, name):
         yield module, name
 
 
-def ancestors(module):
+def ancestors(module: nn.Module) -> Iterator[nn.Module]:
     for owner, _ in owners(module, ""):
         if owner is not module:
             yield owner
 
 
-def _parent_of(module):
+def _parent_of(module: nn.Module) -> tuple[nn.Module, str] | None:
     """``(parent, attribute)`` if ``module`` is a child of a module built on meta (or of a container
     in one), else None.
 
@@ -429,7 +461,8 @@ def _parent_of(module):
     index = _parent_index
     if index is None:
         # Every module reachable from a recorded one: torch.nn's leaf classes are not recorded.
-        index, visited = {}, set()
+        index = {}
+        visited: set[int] = set()
         pending = [entry[0]() for entry in list(_recorded.values())]
         while pending:
             parent = pending.pop()
@@ -453,7 +486,7 @@ def _parent_of(module):
     return parent, entry[1]
 
 
-def recorded_path(module):
+def recorded_path(module: nn.Module) -> str:
     """The dotted path of ``module`` below its outermost ancestor built on meta ('' if none):
     names modules in messages when they are materialised one by one (FSDP1's param_init_fn)."""
     names = []
@@ -464,7 +497,7 @@ def recorded_path(module):
 
 # --------------------------------------------------------------------------- lifetimes
 
-def forget(module):
+def forget(module: nn.Module) -> None:
     """A materialised module no longer needs its recipe (lets the replay cache go).  The parent
     index keeps its weak link: modules materialised one by one after it still need the chain to
     name themselves."""
@@ -472,19 +505,19 @@ def forget(module):
     _recorded.pop(id(module), None)
 
 
-def forget_all(modules):
+def forget_all(modules: Iterable[nn.Module]) -> None:
     if _recorded:
         for module in modules:
             _recorded.pop(id(module), None)
 
 
-def holds_meta_tensors(module):
+def holds_meta_tensors(module: nn.Module) -> bool:
     """Does ``module`` hold a parameter, buffer or plain tensor attribute on meta?"""
     return any(isinstance(tensor, torch.Tensor) and tensor.is_meta
                for tensor in (*module._parameters.values(), *module._buffers.values(), *vars(module).values()))
 
 
-def forget_when_subtree_done(module, was_meta):
+def forget_when_subtree_done(module: nn.Module, was_meta: bool) -> None:
     """``module`` was materialised on its own (``to_empty(recurse=False)``): forget its record once
     no descendant still on meta may need it, and count it off its waiting ancestors."""
     waiting = sum(1 for sub in module.modules() if sub is not module and holds_meta_tensors(sub))
@@ -503,5 +536,5 @@ def forget_when_subtree_done(module, was_meta):
                 forget(ancestor)
 
 
-def awaiting_count():
+def awaiting_count() -> int:
     return sum(1 for module_ref, _ in _awaiting.values() if module_ref() is not None)
