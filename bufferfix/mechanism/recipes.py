@@ -15,6 +15,8 @@ Identical recipes are interned (80 identical decoder layers share one recipe) an
 the replay result is cached on the recipe, so it is computed once and freed
 together with the recipe once every module that used it has been materialised.
 """
+from __future__ import annotations
+
 import contextlib
 import copy
 import functools
@@ -25,12 +27,20 @@ import sys
 import threading
 import types
 import weakref
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ..recovery import Reason
 from . import compat, recompute
+
+if TYPE_CHECKING:
+    from .slots import Slot
+
+# (argument, copy of its attributes, argument, copy, ...): constructor arguments, of any kind (see argument_states)
+ArgumentStates = tuple[Any, ...]
 
 
 class _ThreadState(threading.local):
@@ -44,14 +54,14 @@ logger = logging.getLogger("bufferfix")
 _replay_lock = threading.RLock()
 
 _version_offsets = compat.WeakIdKeyDictionary()  # deep-copied meta tensor -> writes its original had seen
-_interned = weakref.WeakValueDictionary()  # recipe key -> Recipe
+_interned: weakref.WeakValueDictionary[tuple[object, ...], Recipe] = weakref.WeakValueDictionary()  # key -> Recipe
 
 
 class ReplayError(Exception):
     """The recipe cannot produce the value a normal build would have: ``reason`` (a
     :class:`~bufferfix.recovery.Reason`) and ``detail`` say why."""
 
-    def __init__(self, reason, detail=""):
+    def __init__(self, reason: Reason, detail: str = "") -> None:
         super().__init__(reason, detail)
         self.reason, self.detail = reason, detail
 
@@ -60,7 +70,8 @@ class Recipe:
     __slots__ = ("cls", "args", "kwargs", "default_dtype", "argument_states", "refusal", "_replayed",
                  "_replayed_real", "_replayed_on_meta", "__weakref__")
 
-    def __init__(self, cls, args, kwargs, default_dtype, argument_states=(), refusal=None):
+    def __init__(self, cls: type[nn.Module], args: tuple[Any, ...], kwargs: dict[str, Any], default_dtype: torch.dtype,
+                 argument_states: ArgumentStates = (), refusal: str | None = None) -> None:
         self.cls = cls
         self.args = args
         self.kwargs = kwargs
@@ -71,27 +82,29 @@ class Recipe:
         # flat: (argument, attributes, argument, attributes, ...).
         self.argument_states = argument_states
         self.refusal = refusal  # why this constructor must not be re-run, or None
-        self._replayed = None  # Replayed or ReplayError
-        self._replayed_real = None  # the same replay with real parameters (freed once it returned)
-        self._replayed_on_meta = None  # a meta build, only to read version counters
+        self._replayed: Replayed | ReplayError | None = None
+        self._replayed_real: Replayed | ReplayError | None = None  # the same with real parameters (freed once it returned)
+        self._replayed_on_meta: nn.Module | None = None  # a meta build, only to read version counters
 
     @property
-    def origin(self):
+    def origin(self) -> str:
         """``module.Class``: names the recipe in a :class:`~bufferfix.recovery.Recovery`."""
         return "%s.%s" % (self.cls.__module__, self.cls.__qualname__)
 
-    def has_argument_states(self, states):
+    def has_argument_states(self, states: ArgumentStates) -> bool:
         """Were the arguments, attribute by attribute, the same objects as in ``states``?"""
         return len(states) == len(self.argument_states) and all(
             value is other and _same_attributes(state, other_state)
             for (value, state), (other, other_state) in zip(_pairs(self.argument_states), _pairs(states)))
 
-    def arguments_as_recorded(self):
+    def arguments_as_recorded(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """``(args, kwargs)`` with every argument object that changed since construction replaced
         by a shallow copy holding its attributes as they were then."""
-        restored = {}
+        restored: dict[int, Any] = {}
         for value, state in _pairs(self.argument_states):
-            if not _same_attributes(_state_of(value), state):
+            current = _state_of(value)
+            assert current is not None  # kept with its state: a list, a dict or an object with a __dict__
+            if not _same_attributes(current, state):
                 restored[id(value)] = _as_recorded(value, state)
         args = tuple(restored.get(id(value), value) for value in self.args)
         kwargs = {name: restored.get(id(value), value) for name, value in self.kwargs.items()}
@@ -105,7 +118,7 @@ _STATELESS = (type, types.FunctionType, types.BuiltinFunctionType, types.ModuleT
               functools.partial)
 
 
-def _state_of(value):
+def _state_of(value: Any) -> dict[Any, Any] | None:  # an argument, of any kind
     """What is kept of an argument to see it change: a list's or a dict's entries, an argument
     object's attribute dict; None for values and callables."""
     kind = type(value)
@@ -124,10 +137,10 @@ def _state_of(value):
     return state if type(state) is dict else None
 
 
-def _as_recorded(value, state):
+def _as_recorded(value: Any, state: dict[Any, Any]) -> Any:  # an argument, of any kind, and its copy
     """A copy of the argument ``value`` holding ``state`` (see :func:`_state_of`)."""
     if isinstance(value, list):
-        duplicate = copy.copy(value)
+        duplicate: Any = copy.copy(value)
         duplicate[:] = list(state.values())
         return duplicate
     duplicate = copy.copy(value)
@@ -140,7 +153,7 @@ def _as_recorded(value, state):
     return duplicate
 
 
-def _same_attributes(current, recorded):
+def _same_attributes(current: dict[Any, Any], recorded: dict[Any, Any]) -> bool:
     """Identity, never ==: as many attributes, in the same order, each holding the very same object
     (names are not compared: a rename that keeps every value object in place is not a real edit)."""
     return len(current) == len(recorded) and all(map(operator.is_, current.values(), recorded.values()))
@@ -148,14 +161,14 @@ def _same_attributes(current, recorded):
 
 # --------------------------------------------------------------------------- replay state
 
-def replaying():
+def replaying() -> bool:
     return _local.replaying
 
 
-_VALUE_TYPE_SET = frozenset((int, float, complex, str, bytes, bool, type(None), torch.dtype, torch.device))
+_VALUE_TYPE_SET: frozenset[type] = frozenset((int, float, complex, str, bytes, bool, type(None), torch.dtype, torch.device))
 
 
-def _recipe_key_part(value):
+def _recipe_key_part(value: Any) -> tuple[object, object]:  # an argument, of any kind
     """A hashable stand-in: plain values by value, anything else by identity.
 
     Identity is safe because an interned recipe holds its arguments alive.
@@ -170,7 +183,7 @@ def _recipe_key_part(value):
     return ("id", id(value))
 
 
-def _refusal(value):
+def _refusal(value: Any) -> str | None:  # an argument, of any kind
     """Why replaying a constructor called with this argument would be unsafe or wrong, or None."""
     kind = type(value)
     items = value.values() if issubclass(kind, dict) else value if issubclass(kind, (list, tuple)) else (value,)
@@ -184,11 +197,11 @@ def _refusal(value):
 
 
 _PLAIN, _CHECKED, _OBJECT = 0, 1, 2  # what an argument's type asks of argument_states
-_argument_kinds = {}  # type -> one of the three, decided once per type
-plain_argument_types = set(_VALUE_TYPE_SET)  # the types classified _PLAIN (see recording.constructor_hook)
+_argument_kinds: dict[type, int] = {}  # type -> one of the three, decided once per type
+plain_argument_types: set[type] = set(_VALUE_TYPE_SET)  # the types classified _PLAIN (see recording.constructor_hook)
 
 
-def _argument_kind(kind):
+def _argument_kind(kind: type) -> int:
     if kind in _VALUE_TYPE_SET or issubclass(kind, _STATELESS):
         found = _PLAIN  # a value or a callable: nothing to keep
     elif issubclass(kind, (nn.Module, torch.Tensor, list, tuple, dict)):
@@ -202,14 +215,14 @@ def _argument_kind(kind):
     return found
 
 
-def argument_states(args, kwargs):
+def argument_states(args: tuple[Any, ...], kwargs: dict[str, Any]) -> ArgumentStates | str:
     """``(argument, copy of its attributes, argument, copy, ...)`` for argument objects (configs),
     or a refusal.  Flat: a record keeps fewer objects for the garbage collector to count and walk
     (see :func:`_pairs`).
 
     Runs for every module recorded that has an argument of a type not in
     :data:`plain_argument_types` (a config), hence each argument type is classified once."""
-    states = ()
+    states: ArgumentStates = ()
     kinds = _argument_kinds
     for value in (*args, *kwargs.values()) if kwargs else args:
         kind = kinds.get(type(value))
@@ -235,7 +248,7 @@ def argument_states(args, kwargs):
     return states
 
 
-def _pairs(states):
+def _pairs(states: ArgumentStates) -> Iterable[tuple[Any, Any]]:
     """``(argument, its attributes)`` pairs of a flat :func:`argument_states` tuple."""
     return zip(states[::2], states[1::2])
 
@@ -243,10 +256,12 @@ def _pairs(states):
 _generic_getattr = object.__getattribute__
 
 
-def intern(cls, args, kwargs, default_dtype, states):
+def intern(cls: type[nn.Module], args: tuple[Any, ...], kwargs: dict[str, Any], default_dtype: torch.dtype,
+           states: ArgumentStates | str) -> Recipe:
     """One Recipe for identical constructor calls (80 decoder layers, one replay)."""
     if type(states) is str:
         return Recipe(cls, (), {}, default_dtype, refusal=states)
+    assert isinstance(states, tuple)  # not a refusal (a str): argument states
     # Plain values compare by value, argument objects by identity (held alive by the recipe).
     key = (cls, default_dtype, _recipe_key_part(args), _recipe_key_part(kwargs))
     recipe = _interned.get(key)
@@ -255,7 +270,7 @@ def intern(cls, args, kwargs, default_dtype, states):
     return recipe
 
 
-def follow_tensor_copy(original, copy):
+def follow_tensor_copy(original: torch.Tensor, copy: torch.Tensor) -> None:
     """A deep copy starts with a fresh version counter; carry the writes the original had seen, so
     that "written in place after construction" stays detectable (see version_at_construction)."""
     offset = effective_version(original) - raw_version(copy)
@@ -263,11 +278,11 @@ def follow_tensor_copy(original, copy):
         _version_offsets[copy] = offset
 
 
-def effective_version(tensor):
+def effective_version(tensor: torch.Tensor) -> int:
     return raw_version(tensor) + _version_offsets.get(tensor, 0)
 
 
-def raw_version(tensor):
+def raw_version(tensor: torch.Tensor) -> int:
     try:
         return tensor._version
     except RuntimeError:  # inference tensors have no version counter
@@ -276,7 +291,7 @@ def raw_version(tensor):
 
 # --------------------------------------------------------------------------- replay
 
-def parameters_to_meta(module, name, param):
+def parameters_to_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> nn.Parameter | None:
     """During a replay, parameters go straight to meta (only the buffers are wanted, so no weight
     memory is touched): the parameter to register instead, or None to keep ``param``."""
     if not replays_running or not _local.replaying or _local.real_parameters or param is None or param.is_meta:
@@ -290,7 +305,7 @@ def parameters_to_meta(module, name, param):
         return None
 
 
-def _put_parameters_on_meta():
+def _put_parameters_on_meta() -> None:
     """Put :func:`parameters_to_meta` in front of ``nn.Module.register_parameter`` while replays
     run (from the outermost one, under the replay lock).  Only then: a global parameter-registration
     hook would cost every parameter of every model built ~1,700 instructions (a 70B Llama: 1.2 M).
@@ -302,32 +317,33 @@ def _put_parameters_on_meta():
     first call made while no replay runs."""
     displaced = nn.Module.__dict__["register_parameter"]
 
-    def register_parameter(self, name, param):
+    def register_parameter(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
         if not replays_running:
             _take_parameters_off_meta()
         converted = parameters_to_meta(self, name, param)
         return displaced(self, name, param if converted is None else converted)
 
-    register_parameter.bufferfix_displaced = displaced  # also read by recording.parameters_put_on_meta
-    nn.Module.register_parameter = register_parameter
+    # a mark on the function, also read by recording.parameters_put_on_meta
+    register_parameter.bufferfix_displaced = displaced  # type: ignore[attr-defined]
+    nn.Module.register_parameter = register_parameter  # type: ignore[method-assign]  # as accelerate does
 
 
-def _take_parameters_off_meta():
+def _take_parameters_off_meta() -> None:
     """Undo :func:`_put_parameters_on_meta`, as far as its functions are on top (one under an
     accelerate context's stays until that context puts it back on top)."""
     if not _replay_lock.acquire(blocking=False):
         return  # a replay is starting or running in another thread: it takes them off when done
     try:
-        current = nn.Module.__dict__.get("register_parameter")
+        current: Any = nn.Module.__dict__.get("register_parameter")  # ours, accelerate's or torch's own
         while not replays_running and getattr(current, "bufferfix_displaced", None) is not None:
             current = current.bufferfix_displaced
-            nn.Module.register_parameter = current
+            nn.Module.register_parameter = current  # type: ignore[method-assign]  # the one it displaced
     finally:
         _replay_lock.release()
 
 
 @contextlib.contextmanager
-def _isolated(default_dtype, device="cpu"):
+def _isolated(default_dtype: torch.dtype, device: str = "cpu") -> Iterator[None]:
     """Run a constructor on ``device`` under ``default_dtype`` and leave no trace on global state.
     Holds the replay lock (re-entrant): replays fork the global RNG and count themselves."""
     global replays_running
@@ -335,7 +351,7 @@ def _isolated(default_dtype, device="cpu"):
         previous = replaying()
         previous_dtype = torch.get_default_dtype()
         python_rng = random.getstate()
-        numpy = sys.modules.get("numpy")
+        numpy: Any = sys.modules.get("numpy")  # not a dependency: its generator is kept only when imported
         numpy_rng = numpy.random.get_state() if numpy is not None else None
         _local.replaying = True
         replays_running += 1
@@ -360,7 +376,7 @@ def _isolated(default_dtype, device="cpu"):
                 _take_parameters_off_meta()
 
 
-def _construct(recipe, seed, real_parameters=False):
+def _construct(recipe: Recipe, seed: int, real_parameters: bool = False) -> tuple[nn.Module, bool]:
     previous = _local.real_parameters
     _local.real_parameters = real_parameters
     try:
@@ -378,7 +394,7 @@ def _construct(recipe, seed, real_parameters=False):
     return module, drew_random
 
 
-def _free_parameters(module):
+def _free_parameters(module: nn.Module) -> int:
     """Send a replayed module's real parameters to meta at once (only its buffers are wanted);
     returns their bytes: the transient memory that replay cost."""
     freed = 0
@@ -391,7 +407,7 @@ def _free_parameters(module):
     return freed
 
 
-def version_at_construction(recipe, path, slot):
+def version_at_construction(recipe: Recipe, path: str, slot: Slot) -> int | None:
     """The version counter the tensor at ``slot`` of the module at ``path`` (under the module
     ``recipe`` builds) has when its constructor returns *on meta*.
 
@@ -421,10 +437,10 @@ class Replayed:
 
     __slots__ = ("module", "others")
 
-    def __init__(self, module, others=()):
+    def __init__(self, module: nn.Module, others: tuple[nn.Module, ...] = ()) -> None:
         self.module, self.others = module, others
 
-    def randomised(self, path, slot):
+    def randomised(self, path: str, slot: Slot) -> bool:
         """Does the value at ``slot`` of the module at ``path`` depend on the random number generator?"""
         if not self.others:
             return False
@@ -438,14 +454,14 @@ class Replayed:
         return False
 
 
-def _read(module, path, slot):
+def _read(module: nn.Module, path: str, slot: Slot) -> torch.Tensor | None:
     try:
         return slot.read(module.get_submodule(path) if path else module)
     except AttributeError:
         return None
 
 
-def replay(recipe, real_parameters=False):
+def replay(recipe: Recipe, real_parameters: bool = False) -> Replayed:
     """The recipe's :class:`Replayed`.  Raises :class:`ReplayError`.
 
     Parameters are sent to meta as they are registered, unless ``real_parameters``: then they
@@ -466,14 +482,14 @@ def replay(recipe, real_parameters=False):
     return cached
 
 
-def _replay_uncached(recipe, real_parameters=False):
+def _replay_uncached(recipe: Recipe, real_parameters: bool = False) -> Replayed | ReplayError:
     if recipe.refusal:
         return ReplayError(Reason.REFUSED, recipe.refusal)
     if recipe.cls in recompute.never_replayed:
         return ReplayError(Reason.NEVER_REPLAY)
     try:
         module, drew_random = _construct(recipe, seed=0, real_parameters=real_parameters)
-        others = ()
+        others: tuple[nn.Module, ...] = ()
         if drew_random:
             # The constructor used the RNG: a value that differs in a build from another seed, or in
             # one whose parameter initialisation draws as a normal build's does, came from it.
