@@ -85,7 +85,7 @@ _NON_TENSOR_TYPES: set[type] = set()
 def _modules_in_order(root: torch.nn.Module) -> list[torch.nn.Module]:
     """``root.modules()`` (pre-order, each module once), without nested generators."""
     found: dict[int, torch.nn.Module] = {}
-    pending = [root]
+    pending: list[torch.nn.Module | None] = [root]
     while pending:
         module = pending.pop()
         if module is not None and id(module) not in found:
@@ -142,6 +142,7 @@ class Materialisation:
                         group.needs_value = True
         if _unfilled:
             for group in self.groups.values():
+                assert group.tensor is not None  # only buffers' groups so far, each with its tensor
                 stands_for = left_unfilled(group.tensor)
                 if stands_for is not None:
                     group.old, group.needs_value = stands_for, True
@@ -185,6 +186,7 @@ class Materialisation:
 
     def _plan_absent_buffers(self, module: torch.nn.Module) -> None:
         recipe = recording.recipe_of(module)
+        assert recipe is not None  # planned only for a module recorded (was_recorded)
         try:
             replayed = recipes.replay(recipe).module
         except recipes.ReplayError:  # the fill replays again and names the reason
@@ -211,18 +213,18 @@ class Materialisation:
                 if param is not None:
                     storage = param.untyped_storage()
                     by_storage.setdefault(id(storage), (("parameter", module, name), param, storage))
-        candidates = [(key, group) for key, group in self.groups.items() if group.tensor is not None]
-        for key, group in sorted(candidates, key=lambda pair: pair[1].tensor._base is not None):
-            storage = group.tensor.untyped_storage()
+        candidates = [(key, group, group.tensor) for key, group in self.groups.items() if group.tensor is not None]
+        for key, group, tensor in sorted(candidates, key=lambda entry: entry[2]._base is not None):
+            storage = tensor.untyped_storage()
             base = by_storage.get(id(storage))
             if base is None:
-                by_storage[id(storage)] = (("group", key), group.tensor, storage)
+                by_storage[id(storage)] = (("group", key), tensor, storage)
                 continue
             base_location, base_tensor, _ = base
-            offset = slots.within(group.tensor, base_tensor)
+            offset = slots.within(tensor, base_tensor)
             if offset is None:
                 continue  # shares memory beyond what the base covers: filled on its own
-            group.view = (base_location, tuple(group.tensor.shape), group.tensor.stride(), offset)
+            group.view = (base_location, tuple(tensor.shape), tensor.stride(), offset)
             if base_location[0] == "group":
                 bases.add(base_location[1])
         return bases
@@ -248,11 +250,12 @@ class Materialisation:
         give are held back in a :class:`~.deferral.DeferredRestore`.  Returns ``(DeferredRestore or
         None, [Recovery of each value not recovered])``."""
         failures: list[Recovery] = []
-        held_back = []
+        held_back: list[tuple[_Group, torch.Tensor]] = []
         self._holding = True
         with torch.no_grad():
             for group, target in self._materialised_groups():
                 if defer_replays and self._only_a_replay_can_fill(group, target):
+                    assert target is not None  # only a real target is left to a replay
                     held_back.append((group, target))
                     continue
                 self.fill(group, target, failures, device)
@@ -386,8 +389,9 @@ class Materialisation:
         else:
             slot = group.buffers[0]
             target = slot.module._buffers[slot.name]
+            assert target is not None  # a buffer planned: materialisation puts a tensor there, never None
             earlier_ref = _materialised.get(group.tensor)
-            earlier = earlier_ref() if earlier_ref is not None else None
+            earlier: torch.Tensor | None = earlier_ref() if earlier_ref is not None else None
             if earlier is not None and earlier.device == target.device and earlier.dtype == target.dtype:
                 target = slot.module._buffers[slot.name] = earlier
                 if earlier not in _unfilled:
