@@ -54,7 +54,7 @@ def main():
                     annotated += 1
                 else:
                     missing.append("%s:%d %s" % (os.path.relpath(path, root), function.lineno, function.name))
-    if "--list" in sys.argv[1:]:
+    if "--list" in sys.argv[1:] and missing:
         print("\n".join(missing))
     print("%d of %d functions fully annotated (%.1f%%)" % (annotated, total, 100.0 * annotated / total))
 
