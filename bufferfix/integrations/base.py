@@ -34,7 +34,7 @@ import importlib
 import logging
 from collections.abc import Callable, Sequence
 from types import ModuleType, TracebackType
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 import wrapt
 
@@ -311,7 +311,11 @@ class Restoring:
         return deferred
 
 
-def report(plan: Materialisation, failures: Sequence[Recovery]) -> None:
+class _Restored(Protocol):
+    recovered: list[Recovery]  # a plan's Recovery of each value filled (kept while debug logging is on)
+
+
+def report(plan: _Restored, failures: Sequence[Recovery]) -> None:
     """What a restore did, for the user: each value filled at debug level, the lost ones loudly."""
     for recovery in plan.recovered:
         logger.debug("bufferfix: %s", reporting.describe(recovery))

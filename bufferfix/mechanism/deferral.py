@@ -17,15 +17,34 @@ integration adds (transformers swaps its own in for ``torch.nn.init``'s while ``
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
+from ..recovery import Recovery
 from . import compat, recipes
+from .slots import Slot
 
-if TYPE_CHECKING:
-    from ..recovery import Recovery
-    from .restore import Materialisation, _Group
+
+class _Group(Protocol):
+    """A planned group of slots (``restore._Group``), as far as the deferral reads it."""
+
+    @property
+    def buffers(self) -> list[Slot]: ...
+
+
+class _Plan(Protocol):
+    """The materialisation plan (``restore.Materialisation``), as far as the deferral uses it."""
+
+    recovered: list[Recovery]
+
+    def fill(self, group: Any, target: torch.Tensor | None, failures: list[Recovery],
+             device: torch.device | None = None) -> None: ...
+
+    def left_to_the_library(self, target: torch.Tensor) -> None: ...
+
+    def finish(self, failures: list[Recovery]) -> list[Recovery]: ...
+
 
 # torch's functions and methods, as a mode sees them: any signature
 TorchFunction = Callable[..., Any]
@@ -34,7 +53,7 @@ TorchFunction = Callable[..., Any]
 class DeferredRestore:
     """``(group, target)`` pairs of a :class:`~.restore.Materialisation` still waiting for a value."""
 
-    def __init__(self, plan: Materialisation, pending: Iterable[tuple[_Group, torch.Tensor]],
+    def __init__(self, plan: _Plan, pending: Iterable[tuple[_Group, torch.Tensor]],
                  failures: list[Recovery]) -> None:
         self.plan = plan
         self.pending = {id(target): (group, target) for group, target in pending}
