@@ -36,6 +36,7 @@ import weakref
 from typing import Any
 
 import torch
+from torch.nn.utils.weight_norm import WeightNorm
 
 from ..recovery import Attempt, Reason, Recovery, Source
 from . import compat, deferral, recipes, recompute, recording, slots, snapshots, sources
@@ -55,7 +56,7 @@ _unfilled = compat.WeakIdKeyDictionary()
 class _Group:
     """One tensor and every slot that held it before materialisation."""
 
-    __slots__ = ("tensor", "old", "slots", "needs_value", "view", "derived")
+    __slots__ = ("tensor", "old", "slots", "needs_value", "view", "viewers", "derived")
 
     def __init__(self, tensor: torch.Tensor | None) -> None:
         self.tensor = tensor  # what the slots held before materialisation (None: an ABSENT buffer)
@@ -63,6 +64,7 @@ class _Group:
         self.slots: list[Slot] = []  # buffers first (the materialised buffer is the target)
         self.needs_value = False
         self.view: tuple[Any, ...] | None = None  # (base, size, stride, offset from the base's): a view of base
+        self.viewers: list[_Group] = []  # groups planned as views of this one: their values are its
         self.derived: Any = None  # the forward pre-hook computing it from parameters
 
     @property
@@ -112,10 +114,11 @@ def left_unfilled(tensor: torch.Tensor) -> torch.Tensor | None:
 
 
 def derived_by(module: torch.nn.Module, name: str) -> Any:
-    """The forward pre-hook that recomputes the plain attribute ``module.name`` from parameters
-    before every forward (the legacy ``torch.nn.utils.weight_norm`` / ``spectral_norm``), or None."""
+    """The legacy ``torch.nn.utils.weight_norm`` forward pre-hook that computes the plain attribute
+    ``module.name`` from parameters (``weight_g`` / ``weight_v``), or None.  (Legacy
+    ``spectral_norm``'s attribute is its parameter's storage, not computed: planned as a view of it.)"""
     for hook in module._forward_pre_hooks.values():
-        if getattr(hook, "name", None) == name and callable(getattr(hook, "compute_weight", None)):
+        if isinstance(hook, WeightNorm) and hook.name == name:
             return hook
     return None
 
@@ -227,6 +230,7 @@ class Materialisation:
             group.view = (base_location, tuple(tensor.shape), tensor.stride(), offset)
             if base_location[0] == "group":
                 bases.add(base_location[1])
+                self.groups[base_location[1]].viewers.append(group)
         return bases
 
     def _path(self, module: torch.nn.Module) -> str:
@@ -332,10 +336,12 @@ class Materialisation:
 
     def _fail(self, group: _Group, target: torch.Tensor | None, found: sources.Found,
               failures: list[Recovery]) -> None:
-        failures.append(self._recovery(group, found))
-        if self._holding:
-            held = [(slot, slot.read()) for slot in group.slots]
-            _unsettled.append((failures[-1], held, target, recipes.raw_version(target) if target is not None else 0))
+        # A view made again of this tensor holds what it holds: named with it.
+        for failed in [group] + [viewer for viewer in group.viewers if viewer.view is not None]:
+            failures.append(self._recovery(failed, found))
+            if self._holding:
+                held = [(slot, slot.read()) for slot in failed.slots]
+                _unsettled.append((failures[-1], held, target, recipes.raw_version(target) if target is not None else 0))
 
     def _place(self, group: _Group, found: sources.Found, device: torch.device | None) -> None:
         """No materialised tensor to copy into: the slots take the value itself.  A plain attribute
