@@ -1,100 +1,39 @@
-"""Property-based: random module trees through every flow end bit-identical to a normal build."""
-import copy
-import math
+"""Property-based: generated module trees (see trees.py) through every flow end, tensor by tensor,
+bit-identical to a normal build seeded the same way, or named with a true reason.
+
+The CI test leaves out the ingredient combinations in ``trees.KNOWN_GAPS`` (each is a known
+mechanism that gets it wrong today) and runs a fixed set of examples; the slow test generates
+everything.  ``BUFFERFIX_HYPOTHESIS_EXAMPLES`` sets the slow test's example count.
+"""
 import os
 
 import pytest
-import torch
-from compare import assert_matches_reference, loading_ends
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from torch import nn
+from trees import KNOWN_GAPS, NodeSpec, Slot, Tree, Verdict, failures, judge, trees
 
-import bufferfix
-from bufferfix.flows import FLOWS
-
-KINDS = ["float32", "bfloat16", "float64", "int64", "bool", "expanded", "scalar", "none"]
-
-buffer_specs = st.tuples(
-    st.sampled_from(KINDS),
-    st.lists(st.integers(1, 4), min_size=1, max_size=3).map(tuple),  # shape
-    st.booleans(),  # persistent
-    st.sampled_from([0.5, 1.0, -3.25, 1e-3]),  # scale
-    st.booleans(),  # changed in place after registration, inside the constructor
-)
+SLOW_EXAMPLES = int(os.environ.get("BUFFERFIX_HYPOTHESIS_EXAMPLES", "300"))
+HEALTH = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
 
 
-def node_specs(children=None):
-    return st.tuples(
-        st.lists(buffer_specs, max_size=3).map(tuple),
-        st.just(()) if children is None else  # (child, built by deepcopy)
-        st.lists(st.tuples(children, st.booleans()), max_size=2).map(tuple),
-        st.booleans(),  # register a child's buffer on this node too (shared)
-        st.booleans(),  # keep a plain attribute aliasing this node's first buffer
-    )
+def assert_exact_or_named(tree):
+    wrong = failures(judge(tree))
+    assert not wrong, "\n".join(str(outcome) for outcome in wrong)
 
 
-trees = st.recursive(node_specs(), node_specs, max_leaves=5)
-# CI keeps the example count small; BUFFERFIX_HYPOTHESIS_EXAMPLES=500 for a thorough run.
-EXAMPLES = int(os.environ.get("BUFFERFIX_HYPOTHESIS_EXAMPLES", "30"))
+@settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=HEALTH)
+@given(tree=trees(KNOWN_GAPS))
+def test_generated_trees_outside_the_known_gaps(tree):
+    assert_exact_or_named(tree)
 
 
-def make_tensor(kind, shape, scale):
-    count = math.prod(shape)
-    if kind in ("float32", "bfloat16", "float64"):
-        return (torch.arange(count, dtype=torch.float32).reshape(shape) * scale).to(getattr(torch, kind))
-    if kind == "int64":
-        return torch.arange(count).reshape(shape) * int(scale * 4)
-    if kind == "bool":
-        return (torch.arange(count) % 3 == 0).reshape(shape)
-    if kind == "expanded":
-        return torch.arange(shape[-1]).expand(2, -1)
-    return torch.tensor(scale)  # scalar
+@pytest.mark.slow
+@settings(max_examples=SLOW_EXAMPLES, deadline=None, suppress_health_check=HEALTH)
+@given(tree=trees())
+def test_generated_trees_with_every_ingredient(tree):
+    assert_exact_or_named(tree)
 
 
-class Node(nn.Module):
-    def __init__(self, spec):
-        super().__init__()
-        buffers, children, share, alias = spec
-        for index, (kind, shape, persistent, scale, in_place) in enumerate(buffers):
-            name = "b%d" % index
-            tensor = None if kind == "none" else make_tensor(kind, shape, scale)
-            self.register_buffer(name, tensor, persistent=persistent and kind != "expanded")
-            if in_place and tensor is not None and tensor.is_floating_point():
-                getattr(self, name).mul_(2)
-        for index, (child_spec, by_deepcopy) in enumerate(children):
-            child = Node(child_spec)
-            setattr(self, "c%d" % index, copy.deepcopy(child) if by_deepcopy else child)
-        if share:
-            for child in self.children():
-                candidates = [name for name in child._non_persistent_buffers_set if child._buffers[name] is not None]
-                if candidates:
-                    self.register_buffer("shared", child._buffers[candidates[0]], persistent=False)
-                    break
-        if alias and self._buffers.get("b0") is not None:
-            self.alias = self.b0
-
-
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(spec=trees, flow=st.sampled_from(sorted(FLOWS)))
-def test_random_trees_match_a_normal_build(spec, flow):
-    reference = Node(spec)
-    materialised = FLOWS[flow](lambda: Node(spec), reference.state_dict())
-    assert_matches_reference(materialised, reference)
-
-
-@settings(max_examples=max(EXAMPLES // 2, 1), deadline=None)
-@given(spec=trees)
-def test_changed_after_construction_on_meta_is_reported_not_guessed(spec):
-    """An in-place change made after construction on meta is lost; it must be reported."""
-    with torch.device("meta"):
-        model = Node(spec)
-    changed = [(path, name) for path, module in model.named_modules() for name in sorted(module._non_persistent_buffers_set)
-               if module._buffers[name] is not None and module._buffers[name].is_floating_point()]
-    if not changed:
-        return
-    path, name = changed[0]
-    model.get_submodule(path)._buffers[name].add_(1)
-    with pytest.warns(bufferfix.UnrecoverableBufferWarning, match="modified in place"):
-        model.to_empty(device="cpu")
-        loading_ends()
+def test_the_oracle_sees_what_bufferfix_gets_wrong(without_bufferfix):
+    """Without bufferfix, a plain meta flow leaves a non-persistent buffer unfilled, and nothing names it."""
+    outcomes = judge(Tree(root=NodeSpec(slots=(Slot(),))))
+    assert [(outcome.name, outcome.verdict) for outcome in failures(outcomes)] == [("s0", Verdict.SILENT)]
