@@ -17,7 +17,8 @@ changes a user would make after construction.
 
 Only ``EXACT`` and ``NAMED`` pass.  :data:`KNOWN_GAPS` lists ingredient combinations the strategy
 does not generate unless asked to (each says what goes wrong there, in a comment);
-``python tests/trees.py N SEED [all]`` runs N examples (with every ingredient if ``all``)
+``python tests/trees.py N SEED [all | G4,G22]`` runs N examples (with every ingredient if ``all``,
+or with the combinations of the named gaps)
 without stopping at the first failure, prints each failing tree, and counts the outcomes.
 """
 import copy
@@ -968,11 +969,12 @@ def explore(examples, seed, gaps=(), flows=tuple(TREE_FLOWS), out=sys.stdout):
     return counts, trees_failed[0]
 
 
-if __name__ == "__main__":  # python tests/trees.py EXAMPLES SEED [with-gaps]
+if __name__ == "__main__":  # python tests/trees.py EXAMPLES SEED [all | G4,G22]
     import bufferfix  # noqa: F401
 
     examples, chosen_seed = int(sys.argv[1]), int(sys.argv[2])
-    chosen_gaps = () if len(sys.argv) > 3 and sys.argv[3] == "all" else KNOWN_GAPS
+    opened = sys.argv[3].split(",") if len(sys.argv) > 3 else []
+    chosen_gaps = () if opened == ["all"] else tuple(gap for gap in KNOWN_GAPS if gap.finding not in opened)
     totals, failed = explore(examples, chosen_seed, chosen_gaps)
     print("examples %d, failing trees %d, tensors: %s" % (examples, failed,
           ", ".join("%s %d" % (verdict.value, count) for verdict, count in sorted(totals.items(), key=str))))
