@@ -2,7 +2,7 @@
 
 Size attributes (layers, widths, heads, vocabulary, positions, image size...) are overridden in
 the config and in each of its sub-configs; nothing is downloaded.  Used by the doctor
-(``bufferfix doctor llama``) and by the architecture sweep (``tests/sweep.py``), which runs it on
+(``bufferfix doctor llama``) and by the architecture sweep (``tests/sweeps/transformers.py``), which runs it on
 every model type transformers ships.  :data:`LEVELS` go from the smallest to the default config:
 callers take the first level whose model builds.  Imports transformers.
 """
