@@ -55,3 +55,14 @@ def strict():
         yield
     finally:
         bufferfix.set_strict(None)
+
+
+@pytest.fixture(scope="module")
+def sweep_results(request):
+    """A full sweep's results (``tests/test_<library>_sweep.py``, whose module names its ``sweep``):
+    collected by its tests, summed up (and written as JSON) at the end of the module."""
+    from sweeps import harness
+
+    results = []
+    yield results
+    harness.report_at_end(request, request.module.sweep.LIBRARY, results)

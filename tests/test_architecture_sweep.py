@@ -87,9 +87,4 @@ def sweep_results(request):
 @pytest.mark.slow
 @pytest.mark.parametrize("model_type", sorted(set(ARCHITECTURES) - set(WITHOUT_MODEL_CLASS)))
 def test_every_architecture(model_type, sweep_results):
-    result = harness.check(sweep.case(model_type, ARCHITECTURES[model_type]))
-    sweep_results.append(result)
-    assert result.harness_error is None, result.harness_error
-    if result.skipped:
-        pytest.skip(result.skipped)
-    harness.assert_exact_with_bufferfix(result)
+    harness.in_full_sweep(harness.check(sweep.case(model_type, ARCHITECTURES[model_type])), sweep_results, exact=True)

@@ -76,19 +76,7 @@ def test_buffers_computed_from_a_pretrained_weight_are_named_with_that_reason(na
     assert "make this adapter on a loaded base model" in str(warned[0])
 
 
-@pytest.fixture(scope="module")
-def sweep_results(request):
-    """Collects every result of the full sweep; prints the summary (and writes JSON) at the end."""
-    results = []
-    yield results
-    harness.report_at_end(request, sweep.LIBRARY, results)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("case", sweep.cases(), ids=lambda case: case.name)
 def test_every_tuner(case, sweep_results):
-    result = harness.check(case)
-    sweep_results.append(result)
-    if result.skipped:
-        pytest.skip(result.skipped)
-    harness.assert_exact_or_named(result)
+    harness.in_full_sweep(harness.check(case), sweep_results)

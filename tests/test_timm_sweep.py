@@ -80,20 +80,7 @@ def test_timm_reinit_non_persistent_buffers_is_the_normal_build_too(name):
 ARCHITECTURES = sweep.architectures()
 
 
-@pytest.fixture(scope="module")
-def sweep_results(request):
-    """Collects every result of the full sweep; prints the summary (and writes JSON) at the end."""
-    results = []
-    yield results
-    harness.report_at_end(request, sweep.LIBRARY, results)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
 def test_every_architecture(name, sweep_results):
-    result = harness.check(sweep.case(name, ARCHITECTURES[name]))
-    sweep_results.append(result)
-    assert result.harness_error is None, result.harness_error
-    if result.skipped:
-        pytest.skip(result.skipped)
-    harness.assert_exact_with_bufferfix(result)
+    harness.in_full_sweep(harness.check(sweep.case(name, ARCHITECTURES[name])), sweep_results, exact=True)

@@ -39,19 +39,7 @@ def test_subset_is_broken_without_bufferfix(name):
     harness.assert_broken_without_bufferfix(checked(name))
 
 
-@pytest.fixture(scope="module")
-def sweep_results(request):
-    """Collects every result of the full sweep; prints the summary (and writes JSON) at the end."""
-    results = []
-    yield results
-    harness.report_at_end(request, sweep.LIBRARY, results)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("case", sweep.cases(), ids=lambda case: case.name)
 def test_every_model(case, sweep_results):
-    result = harness.check(case)
-    sweep_results.append(result)
-    if result.skipped:
-        pytest.skip(result.skipped)
-    harness.assert_exact_or_named(result)
+    harness.in_full_sweep(harness.check(case), sweep_results)

@@ -951,6 +951,21 @@ def assert_exact_or_named(result):
     assert alarms == {}, "false alarms: %s" % alarms
 
 
+def in_full_sweep(result, results, exact=False):
+    """A full sweep's pytest test, for one case: keep its result for the summary; skip it where the case
+    says why; else it must come out exact with bufferfix (``exact``) or exact-or-named."""
+    import pytest
+
+    results.append(result)
+    assert result.harness_error is None, result.harness_error
+    if result.skipped:
+        pytest.skip(result.skipped)
+    if exact:
+        assert_exact_with_bufferfix(result)
+    else:
+        assert_exact_or_named(result)
+
+
 def report_at_end(request, library, results):
     """For a full sweep's module fixture, after its tests: the summary in the terminal, and every result
     as JSON in ``$BUFFERFIX_SWEEP_JSON`` when set (``python -m sweeps.<library> --from-json`` reads it)."""
