@@ -898,9 +898,6 @@ KNOWN_GAPS = (
     Gap("G13", lambda c: c.change in ("replaced", "resized") and (
         (c.kind not in BUFFERS and (_born_on_meta(c) or (c.flow == ACCELERATE and _random(c))))
         or (c.kind in BUFFERS and c.flow == ACCELERATE and _random(c))), "change"),
-    # G15: a dtype cast on meta forgets that a tensor was written in place or replaced: the constructor's value
-    Gap("G15", lambda c: c.flow == CAST and c.change != "none", "change"),
-    Gap("G15", lambda c: c.flow == CAST and c.base is not None and c.base.change != "none", "view"),
     # G16: to_empty(recurse=False) names a tensor by its path below the outermost recorded module: a root with
     # its own __new__ is not recorded, so "c0.s0" is named "s0"
     Gap("G16", lambda c: c.flow == PER_MODULE and c.slot is None and c.path == () and c.cls == "own_new", "cls"),

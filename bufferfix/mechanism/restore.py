@@ -127,6 +127,7 @@ class Materialisation:
     def __init__(self, root: torch.nn.Module, recurse: bool = True) -> None:
         # Runs over every module of the model at every materialisation: module paths (only needed
         # to name a buffer in a message) are worked out later, and only if asked for.
+        recording.follow_moved_attributes()
         self.root, self.recurse = root, recurse
         self.modules = _modules_in_order(root) if recurse else [root]
         self.root_was_meta = recording.holds_meta_tensors(root) if not recurse else True

@@ -1,0 +1,119 @@
+"""Dtype casts on meta, and attributes that a module's own ``_apply`` or a parameter gives.
+
+Each test runs a flow in plain torch and judges it against a normal build seeded the same way
+(:func:`test_seams.assert_exact_or_named`): every unsaved tensor bit-identical (value, dtype,
+device, storage sharing), or named by its path with a true reason.
+"""
+import warnings
+
+import torch
+from compare import identical, loading_ends
+from test_seams import assert_exact_or_named, recoveries_named, seeded
+from torch import nn
+
+from bufferfix import Reason
+
+
+def _cast_on_meta(build, change, state_dict):
+    """Meta build -> ``change(model)`` (user code) -> .to(torch.bfloat16) -> to_empty -> load."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.device("meta"):
+            model = build()
+        change(model)
+        model.to(torch.bfloat16)
+        model.to_empty(device="cpu")
+        model.load_state_dict(state_dict)
+        loading_ends()
+    return model, caught
+
+
+def _normal_build_cast(build, change):
+    model = build()
+    change(model)
+    return model.to(torch.bfloat16)
+
+
+# --------------------------------------------------------------------------- what the cast forgot
+
+class Tables(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(3))
+        self.register_buffer("written", torch.arange(3.0), persistent=False)
+        self.register_buffer("replaced", torch.arange(3.0), persistent=False)
+
+
+class MovesItsTable(nn.Module):
+    """Its ``_apply`` converts its plain tensor attribute too, after ``Module._apply`` returned."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(3))
+        self.table = torch.arange(3.0) / 3
+        self.child = MovesItsTableChild()
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.table = fn(self.table)
+        return self
+
+
+class MovesItsTableChild(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.table = torch.arange(3.0) / 7
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.table = fn(self.table)
+        return self
+
+
+def _write_and_replace(model):
+    model.written.add_(1)
+    model.replaced = torch.full_like(model.replaced, 7.0)
+
+
+def _write_tables(model):
+    model.table.add_(1)
+    model.child.table.add_(1)
+
+
+def test_a_cast_on_meta_keeps_what_was_noted_of_each_tensor():
+    """A buffer written in place and one replaced on meta, then cast: each converted tensor is a new
+    meta tensor, and the facts noted of the one before follow it (named, not the constructor's value)."""
+    build = seeded(Tables)
+    reference = _normal_build_cast(build, _write_and_replace)
+    model, caught = _cast_on_meta(build, _write_and_replace, reference.state_dict())
+    named = assert_exact_or_named(model, reference, caught,
+                                  allowed_reasons={Reason.MODIFIED_IN_PLACE, Reason.REPLACED})
+    assert named == {"written": Reason.MODIFIED_IN_PLACE, "replaced": Reason.REPLACED}
+
+
+def test_attributes_converted_by_a_module_own_apply_keep_what_was_noted():
+    """The same for plain attributes that a module's own ``_apply`` converts (the model's root, whose
+    ``_apply`` runs after ``Module._apply`` returned, and a child)."""
+    build = seeded(MovesItsTable)
+    reference = _normal_build_cast(build, _write_tables)
+    model, caught = _cast_on_meta(build, _write_tables, reference.state_dict())
+    named = assert_exact_or_named(model, reference, caught, allowed_reasons={Reason.MODIFIED_IN_PLACE})
+    assert named == {"table": Reason.MODIFIED_IN_PLACE, "child.table": Reason.MODIFIED_IN_PLACE}
+
+
+def test_a_snapshot_follows_a_cast_on_meta():
+    """A real model moved to meta, cast there, materialised: the snapshot is the value, cast."""
+    reference = seeded(Tables)()
+    _write_and_replace(reference)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = seeded(Tables)()
+        _write_and_replace(model)
+        model.to("meta").to(torch.bfloat16)
+        reference.to(torch.bfloat16)
+        model.to_empty(device="cpu")
+        model.load_state_dict(reference.state_dict())
+        loading_ends()
+    assert recoveries_named(caught) == []
+    assert identical(model.written, reference.written) and identical(model.replaced, reference.replaced)
+
