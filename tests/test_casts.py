@@ -117,3 +117,45 @@ def test_a_snapshot_follows_a_cast_on_meta():
     assert recoveries_named(caught) == []
     assert identical(model.written, reference.written) and identical(model.replaced, reference.replaced)
 
+
+# --------------------------------------------------------------------------- attributes derived from parameters
+
+class _Doubled(nn.Module):
+    def forward(self, weight):
+        return weight * 2
+
+
+class ParametrizedBeside(nn.Module):
+    """A replay of it calls a module (``register_parametrization`` runs its parametrization once)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.utils.parametrize.register_parametrization(nn.Linear(3, 3), "weight", _Doubled())
+        self.register_buffer("table", torch.arange(3.0), persistent=False)
+
+
+class WeightNormAndParametrized(nn.Module):
+    def __init__(self):
+        super().__init__()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            self.normed = nn.utils.weight_norm(nn.Linear(3, 3))
+        self.beside = ParametrizedBeside()
+
+
+def test_a_replay_calling_a_module_is_not_the_first_forward():
+    """to_empty(recurse=False) module by module: replaying ``beside`` (for its buffer) runs its
+    parametrization, a module call; that is not the model's first forward, so weight_norm's
+    ``weight`` is computed once loading ends, from the loaded parameters."""
+    build = seeded(WeightNormAndParametrized)
+    reference = build()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.device("meta"):
+            model = build()
+        for module in model.modules():
+            module.to_empty(device="cpu", recurse=False)
+        model.load_state_dict(reference.state_dict())
+        loading_ends()
+    assert_exact_or_named(model, reference, caught)
+    assert identical(model.normed.weight, reference.normed.weight)

@@ -925,10 +925,6 @@ KNOWN_GAPS = (
     # loading the view writes part of the base, and the base is then taken as written: not named, mostly garbage
     Gap("G22", lambda c: c.kind == "persistent" and c.view == "slice" and c.base.kind != "persistent"
         and (_in_place(c) or c.cls == "own_new" or _random(c)), "view"),
-    # G24: to_empty(recurse=False): weight_norm's ``weight`` attribute stays uninitialised, unnamed, when the model
-    # also holds a parametrized module and a tensor that is named (the trigger as far as it is narrowed down)
-    Gap("G24", lambda c: c.slot is None and c.wrapped == "weight_norm" and c.flow == PER_MODULE
-        and any(spec.wrapped == "parametrize" for _, spec in node_specs(c.tree)), "wrapped"),
     # G23: a slice view of an expanded tensor (stride 0) comes back with storage of its own, and so does its base
     Gap("G23", lambda c: c.view == "slice" and c.base.value == "expanded", "view"),
 )
