@@ -159,3 +159,44 @@ def test_a_replay_calling_a_module_is_not_the_first_forward():
         loading_ends()
     assert_exact_or_named(model, reference, caught)
     assert identical(model.normed.weight, reference.normed.weight)
+
+
+class Normed(nn.Module):
+    """Legacy weight_norm's and spectral_norm's ``weight``: plain attributes derived from parameters."""
+
+    def __init__(self):
+        super().__init__()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            self.weight_normed = nn.utils.weight_norm(nn.Linear(3, 3))
+        self.spectral_normed = nn.utils.spectral_norm(nn.Linear(3, 3))
+
+
+def test_derived_attributes_whose_parameters_were_cast_after_are_named():
+    """A normal build + .to(bf16) keeps both ``weight``s as they were derived from the float32
+    parameters before the cast (the cast leaves plain attributes alone); a bf16 checkpoint cannot
+    give that value.  Named with that reason (weight_norm's was computed from the cast parameters,
+    in bf16, unnamed; spectral_norm's named RANDOM)."""
+    build = seeded(Normed)
+    reference = _normal_build_cast(build, lambda model: None)
+    model, caught = _cast_on_meta(build, lambda model: None, reference.state_dict())
+    named = assert_exact_or_named(model, reference, caught, allowed_reasons={Reason.CAST_AFTER_DERIVED})
+    assert named == {"weight_normed.weight": Reason.CAST_AFTER_DERIVED,
+                     "spectral_normed.weight": Reason.CAST_AFTER_DERIVED}
+
+
+def test_spectral_norm_weight_after_an_assign_load_is_its_loaded_parameter():
+    """Meta build -> load_state_dict(assign=True): ``weight`` is the loaded ``weight_orig``'s data, its
+    storage shared, as in a normal build (was named RANDOM)."""
+    build = seeded(Normed)
+    reference = build()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.device("meta"):
+            model = build()
+        model.load_state_dict(reference.state_dict(), assign=True)
+        loading_ends()
+    assert assert_exact_or_named(model, reference, caught) == {}
+    weight, parameter = model.spectral_normed.weight, model.spectral_normed.weight_orig
+    assert weight.untyped_storage().data_ptr() == parameter.untyped_storage().data_ptr()
+

@@ -870,12 +870,6 @@ def _in_place(context):
 # Ingredient combinations the CI test does not generate, because today's code gets them wrong: each
 # row says what goes wrong.  Remove a row when its mechanism is closed; the slow test generates them all.
 KNOWN_GAPS = (
-    # G2: under a dtype cast on meta, weight_norm's ``weight`` attribute comes back in the cast dtype, computed
-    # from the cast parameters (a normal build + cast keeps the float32 one)
-    Gap("G2", lambda c: c.slot is None and c.wrapped == "weight_norm" and c.flow == CAST, "wrapped"),
-    # G3: spectral_norm's ``weight`` attribute (its forward pre-hook recomputes it) is named RANDOM after a dtype
-    # cast on meta or a load with assign=True
-    Gap("G3", lambda c: c.slot is None and c.wrapped == "spectral_norm" and c.flow in (CAST, ASSIGN), "wrapped"),
     # G4: a slice view of a plain tensor attribute comes back with storage of its own
     Gap("G4", lambda c: c.view == "slice" and c.base.kind == "attribute", "view"),
     # G5: where tensors stay real (init_empty_weights, .to("meta") snapshots), a list / tuple / dict holding a
