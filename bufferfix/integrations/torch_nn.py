@@ -143,18 +143,22 @@ def _apply(wrapped: Wrapped, instance: nn.Module, args: WrapperArgs, kwargs: Wra
 
     if not INTEGRATION.active or getattr(_local, "applying", False):
         return wrapped(*args, **kwargs)
-    recording.follow_moved_attributes()
+    contained(recording.follow_moved_attributes, "following a move on meta")
+    if args:
+        args = (_following(args[0]), *args[1:])
+    elif "fn" in kwargs:
+        kwargs = dict(kwargs, fn=_following(kwargs["fn"]))
     _local.applying = True
     try:
-        return wrapped(*_following(*args, **kwargs))
+        return wrapped(*args, **kwargs)
     finally:
         _local.applying = False
         if _owner_of_apply(type(instance)) is not nn.Module:
             contained(lambda: recording.moving_own_attributes(instance), "following a move on meta")
 
 
-def _following(fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> tuple[Any, bool]:
-    """``_apply``'s arguments, its function made to tie what it converts on meta to what it was."""
+def _following(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``_apply``'s function, made to tie what it converts on meta to what it was."""
     import torch
 
     from ..mechanism import recording
@@ -165,7 +169,7 @@ def _following(fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True)
             contained(lambda: recording.follow_tensor(tensor, converted), "following a move on meta")
         return converted
 
-    return convert, recurse
+    return convert
 
 
 def _owner_of_apply(cls: type) -> type:
