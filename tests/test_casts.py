@@ -200,3 +200,20 @@ def test_spectral_norm_weight_after_an_assign_load_is_its_loaded_parameter():
     weight, parameter = model.spectral_normed.weight, model.spectral_normed.weight_orig
     assert weight.untyped_storage().data_ptr() == parameter.untyped_storage().data_ptr()
 
+
+# --------------------------------------------------------------------------- a module's own _apply
+
+def test_an_attribute_its_own_apply_moves_to_meta_is_snapshotted():
+    """A real model moved with .to("meta"), whose modules' own ``_apply`` moves their plain tensor
+    attributes too: those get their values back from a snapshot, like non-persistent buffers (they
+    were named NO_RECIPE, and had no meta build to replay)."""
+    build = seeded(MovesItsTable)
+    reference = build()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = build().to("meta")
+        assert model.table.is_meta and model.child.table.is_meta
+        model.to_empty(device="cpu")
+        model.load_state_dict(reference.state_dict())
+        loading_ends()
+    assert assert_exact_or_named(model, reference, caught) == {}

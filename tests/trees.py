@@ -878,8 +878,6 @@ KNOWN_GAPS = (
     # G6: load_state_dict(assign=True) puts the checkpoint's tensor in a persistent buffer: views and aliases of it
     # (or that it is a view of) are no longer shared, and an alias written in place is named though it is right
     Gap("G6", lambda c: c.base is not None and "persistent" in (c.kind, c.base.kind) and c.flow == ASSIGN, "view"),
-    # G7: a module whose own _apply also moves its plain tensor attributes, moved with .to("meta")
-    Gap("G7", lambda c: c.cls == "own_apply" and c.kind == "attribute" and c.flow == TO_META, "cls"),
     # G11: a module-level dict changed after the build: the replay reads the new value (an accepted limit)
     Gap("G11", lambda c: c.source == "settings" and "settings" in c.changed_arguments, "source"),
     # G12: init_empty_weights skips nn.Linear's init draws: a later torch.rand is real and different; held in a
