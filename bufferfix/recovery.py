@@ -32,6 +32,9 @@ class Reason(enum.Enum):
     MODIFIED_IN_PLACE = "modified after construction"
     REPLACED = "replaced after construction"  # set on meta by code outside any constructor: no replay has it
     SHAPE_MISMATCH = "shape mismatch"
+    # derived from parameters (legacy weight_norm / spectral_norm), which were cast to another dtype after:
+    # a normal build keeps the value from before the cast, which no checkpoint holds
+    CAST_AFTER_DERIVED = "parameters cast after it was derived"
     RECOMPUTE_RAISED = "recompute function raised"
     FROM_PRETRAINED_WEIGHT = "computed from a pretrained weight"  # an integration's verdict: no replay has it
     INTERRUPTED = "materialisation interrupted"  # the materialising call raised and the fill did not finish

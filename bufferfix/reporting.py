@@ -33,6 +33,9 @@ _REASONS = {
     Reason.REPLACED: "{detail!r} was replaced on meta by code outside any constructor, so no replay has its "
                      "value; set it after materialisation instead",
     Reason.SHAPE_MISMATCH: "recovered value and materialised buffer differ in shape ({detail})",
+    Reason.CAST_AFTER_DERIVED: "it was derived from {detail} before they were cast: a normal build keeps the value "
+                               "from before the cast, which no checkpoint holds (the module's forward pre-hook "
+                               "derives it again at every forward)",
     Reason.RECOMPUTE_RAISED: "recompute function for {origin} raised {detail}",
     Reason.FROM_PRETRAINED_WEIGHT: "{origin} computes {detail!r} from its base layer's pretrained weight when "
                                    "the adapter is made, and that weight was on meta: no replay or checkpoint "

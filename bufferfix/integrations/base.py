@@ -352,6 +352,10 @@ def await_loading_end() -> None:
 
 
 def _first_forward(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+    from ..mechanism import recipes
+
+    if recipes.replays_running and recipes.replaying():
+        return  # a replayed constructor calling a module (``register_parametrization`` does): not the model's
     loading_ended()
 
 

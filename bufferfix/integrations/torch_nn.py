@@ -3,6 +3,7 @@
 * ``Module.to_empty``: materialisation; buffers are planned before, restored after.
 * ``Module.to``: a move to meta snapshots real non-persistent buffers first.
 * ``Module.load_state_dict(assign=True)``: buffers a meta model still has on meta get values.
+* ``Module._apply``: a tensor converted on meta (a dtype cast) keeps what was noted of it.
 * ``Module.__new__``: while meta is the default device, record each constructor call (torch.nn's
   own leaf classes keep C's constructor; ``Module.__init_subclass__`` hooks classes made from them).
 * ``Module.__deepcopy__``: a deep copy keeps the recipes and snapshots of the original.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -129,6 +131,52 @@ def _moving_to_meta(wrapped: Wrapped, instance: nn.Module, args: WrapperArgs, kw
             contained(move.after, "snapshotting buffers", user_error=True)
 
 
+def _apply(wrapped: Wrapped, instance: nn.Module, args: WrapperArgs, kwargs: WrapperKwargs) -> Any:
+    """``Module._apply`` (``.to(dtype)``, ``.half()``, ``to_empty``, ...): a meta tensor it converts into
+    another meta tensor (a dtype cast on meta) keeps what was noted of it (recording.follow_tensor).
+    The function is wrapped once, at the outermost call, and handed down to every submodule; the
+    attributes that a module's own ``_apply`` converts after this call returns are tied later
+    (recording.moving_own_attributes)."""
+    from torch import nn
+
+    from ..mechanism import recording
+
+    if not INTEGRATION.active or getattr(_local, "applying", False):
+        return wrapped(*args, **kwargs)
+    contained(recording.follow_moved_attributes, "following a move on meta")
+    if args:
+        args = (_following(args[0]), *args[1:])
+    elif "fn" in kwargs:
+        kwargs = dict(kwargs, fn=_following(kwargs["fn"]))
+    _local.applying = True
+    try:
+        return wrapped(*args, **kwargs)
+    finally:
+        _local.applying = False
+        if _owner_of_apply(type(instance)) is not nn.Module:
+            contained(lambda: recording.moving_own_attributes(instance), "following a move on meta")
+
+
+def _following(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``_apply``'s function, made to tie what it converts on meta to what it was."""
+    import torch
+
+    from ..mechanism import recording
+
+    def convert(tensor: torch.Tensor) -> torch.Tensor:
+        converted = fn(tensor)
+        if converted is not tensor and tensor.is_meta and isinstance(converted, torch.Tensor) and converted.is_meta:
+            contained(lambda: recording.follow_tensor(tensor, converted), "following a move on meta")
+        return converted
+
+    return convert
+
+
+def _owner_of_apply(cls: type) -> type:
+    """The class whose ``_apply`` ``cls`` uses."""
+    return next(owner for owner in cls.__mro__ if "_apply" in owner.__dict__)
+
+
 def _device_context_made(wrapped: Wrapped, instance: object, args: WrapperArgs, kwargs: WrapperKwargs) -> Any:
     from ..mechanism import recording
 
@@ -155,7 +203,7 @@ def _deepcopy(self: nn.Module, memo: dict[int, Any]) -> nn.Module:
 
 
 def _carry_over(original: nn.Module, memo: dict[int, Any]) -> None:
-    from ..mechanism import recipes, recording, snapshots
+    from ..mechanism import recording
 
     for module in original.modules():
         duplicate = memo.get(id(module))
@@ -165,9 +213,7 @@ def _carry_over(original: nn.Module, memo: dict[int, Any]) -> None:
         for tensor in module._buffers.values():
             copied = memo.get(id(tensor))
             if tensor is not None and copied is not None:
-                snapshots.follow_copy(tensor, copied)
-                recipes.follow_tensor_copy(tensor, copied)
-                recording.follow_tensor_copy(tensor, copied)
+                recording.follow_tensor(tensor, copied)
 
 
 def _init_subclass(cls: type[nn.Module], **kwargs: Any) -> None:
@@ -204,6 +250,7 @@ class TorchNN(Integration):
         Wrap("torch.nn", "Module.to_empty", _to_empty),
         Wrap("torch.nn", "Module.to", _to),
         Wrap("torch.nn", "Module.load_state_dict", _load_state_dict),
+        Wrap("torch.nn", "Module._apply", _apply),
     )
 
     def _instrument(self, module: ModuleType) -> None:

@@ -26,7 +26,7 @@ from typing import Any, Protocol, cast
 import torch
 from torch import nn
 
-from . import compat, recipes, signatures
+from . import compat, recipes, signatures, snapshots
 
 # The raw construction the hook keeps: (weakref to the module, class, args, kwargs or None, default dtype,
 # argument states: see recipes.argument_states).  The arguments are whatever the constructor takes.
@@ -358,6 +358,44 @@ def follow_tensor_copy(original: torch.Tensor, copy: torch.Tensor) -> None:
     """``copy.deepcopy`` of a meta tensor keeps what was noted of it."""
     if original in _registered:
         _registered[copy] = _registered[original]
+
+
+def follow_tensor(original: torch.Tensor, copy: torch.Tensor) -> None:
+    """``copy`` stands for the meta tensor ``original`` from now on (its ``copy.deepcopy``, or what
+    ``Module._apply`` converted it into on meta: a dtype cast): it keeps what was noted of
+    ``original``: who put it in its slot, the in-place writes it had seen, its snapshot."""
+    follow_tensor_copy(original, copy)
+    recipes.follow_tensor_copy(original, copy)
+    snapshots.follow_copy(original, copy)
+
+
+# Plain meta tensor attributes of modules whose own ``_apply`` converts them after ``Module._apply``
+# returned, with the function it was given: (the module, [(attribute, tensor before)]), until
+# :func:`follow_moved_attributes` ties each to what it was converted into.
+_moving: list[tuple[weakref.ref[nn.Module], list[tuple[str, torch.Tensor]]]] = []
+
+
+def moving_own_attributes(module: nn.Module) -> None:
+    """``Module._apply`` runs for ``module``, whose class has an ``_apply`` of its own: note its plain
+    meta tensor attributes, which that ``_apply`` may convert next (see :func:`follow_moved_attributes`)."""
+    attributes = [(name, value) for name, value in vars(module).items()
+                  if isinstance(value, torch.Tensor) and value.is_meta and not isinstance(value, nn.Parameter)]
+    if attributes:
+        _moving.append((weakref.ref(module), attributes))
+
+
+def follow_moved_attributes() -> None:
+    """Each attribute noted by :func:`moving_own_attributes` that now holds another meta tensor of its
+    shape (its ``_apply`` converted it) keeps what was noted of the one before (:func:`follow_tensor`)."""
+    while _moving:
+        module_ref, attributes = _moving.pop()
+        module = module_ref()
+        if module is None:
+            continue
+        for name, before in attributes:
+            now = vars(module).get(name)
+            if isinstance(now, torch.Tensor) and now is not before and now.is_meta and now.shape == before.shape:
+                follow_tensor(before, now)
 
 
 # --------------------------------------------------------------------------- the side table

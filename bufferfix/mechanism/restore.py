@@ -11,8 +11,9 @@ included).  After, it
   memory of its own);
 * fills each group from the first source that has its value (one loop for every kind of slot:
   :func:`.sources.find`);
-* holds an attribute derived from parameters (the legacy ``weight_norm``'s ``weight``) until the
-  parameters hold values;
+* holds an attribute derived from parameters (the legacy ``weight_norm``'s and ``spectral_norm``'s
+  ``weight``) until the parameters hold values, and names it when they were cast after it was
+  derived (a normal build keeps the value from before the cast);
 * holds the verdict on every value it could not recover until loading ends (:func:`settle`):
   code that rewrites such a tensor before then (a model's own ``reset_parameters()``) leaves
   nothing to report.
@@ -36,6 +37,7 @@ import weakref
 from typing import Any
 
 import torch
+from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
 from ..recovery import Attempt, Reason, Recovery, Source
@@ -114,19 +116,35 @@ def left_unfilled(tensor: torch.Tensor) -> torch.Tensor | None:
 
 
 def derived_by(module: torch.nn.Module, name: str) -> Any:
-    """The legacy ``torch.nn.utils.weight_norm`` forward pre-hook that computes the plain attribute
-    ``module.name`` from parameters (``weight_g`` / ``weight_v``), or None.  (Legacy
-    ``spectral_norm``'s attribute is its parameter's storage, not computed: planned as a view of it.)"""
+    """The legacy ``torch.nn.utils.weight_norm`` or ``spectral_norm`` forward pre-hook that derives
+    the plain attribute ``module.name`` from parameters (and recomputes it at every forward), or None."""
     for hook in module._forward_pre_hooks.values():
-        if isinstance(hook, WeightNorm) and hook.name == name:
+        if isinstance(hook, (WeightNorm, SpectralNorm)) and hook.name == name:
             return hook
     return None
+
+
+def _derived_from(hook: Any) -> tuple[str, ...]:
+    """The names of the parameters ``hook`` derives its attribute from."""
+    return tuple(hook.name + suffix for suffix in (("_orig",) if isinstance(hook, SpectralNorm) else ("_g", "_v")))
+
+
+def _derive(hook: Any, module: torch.nn.Module) -> torch.Tensor:
+    """What the constructor left in the attribute, from the parameters as they are now: the value
+    ``weight_norm`` computes from them; ``spectral_norm``'s parameter's data (its storage shared)."""
+    if isinstance(hook, SpectralNorm):
+        parameter = module._parameters[hook.name + "_orig"]
+        assert parameter is not None  # spectral_norm registered it
+        return parameter.data
+    derived: torch.Tensor = hook.compute_weight(module)
+    return derived
 
 
 class Materialisation:
     def __init__(self, root: torch.nn.Module, recurse: bool = True) -> None:
         # Runs over every module of the model at every materialisation: module paths (only needed
         # to name a buffer in a message) are worked out later, and only if asked for.
+        recording.follow_moved_attributes()
         self.root, self.recurse = root, recurse
         self.modules = _modules_in_order(root) if recurse else [root]
         self.root_was_meta = recording.holds_meta_tensors(root) if not recurse else True
@@ -314,7 +332,11 @@ class Materialisation:
              device: torch.device | None = None) -> None:
         """Give ``group`` its value in ``target``; what cannot be recovered goes into ``failures``."""
         if group.derived is not None:
-            _hold_derived(group)
+            cast = self._cast_since_derived(group)
+            if cast is None:
+                _hold_derived(group)
+            else:
+                self._fail(group, target, sources.Found(None, attempts=(cast,)), failures)
             return
         found = sources.find(group.old, group.slots)
         if found.value is None:
@@ -333,6 +355,20 @@ class Materialisation:
                 failures)
             return
         self._write(group, target, found.value)
+
+    @staticmethod
+    def _cast_since_derived(group: _Group) -> Attempt | None:
+        """Were the parameters of a derived attribute cast to another dtype after it was derived
+        (``.to(torch.bfloat16)`` on meta)?  Then a normal build holds the value derived from them
+        before the cast, which no checkpoint has: why, as an Attempt; else None."""
+        slot = group.slots[0]
+        assert group.old is not None  # a plain attribute planned
+        names = _derived_from(group.derived)
+        dtypes = {parameter.dtype for parameter in map(slot.module._parameters.get, names) if parameter is not None}
+        if dtypes <= {group.old.dtype}:
+            return None
+        return Attempt(None, Reason.CAST_AFTER_DERIVED, "%s (%s, now %s)" % (
+            " / ".join(names), group.old.dtype, " / ".join(sorted(map(str, dtypes)))))
 
     def _fail(self, group: _Group, target: torch.Tensor | None, found: sources.Found,
               failures: list[Recovery]) -> None:
@@ -504,7 +540,7 @@ def settle() -> list[Recovery]:
         for hook, module, name in derived:
             if any(p is not None and p.is_meta for p in module._parameters.values()):
                 continue  # its parameters never got values: it stays on meta, which fails loudly
-            module.__dict__[name] = hook.compute_weight(module)
+            module.__dict__[name] = _derive(hook, module)
     held, _unsettled[:] = list(_unsettled), []
     failures = []
     for recovery, held_slots, target, version in held:

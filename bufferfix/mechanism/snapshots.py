@@ -31,6 +31,8 @@ class MoveToMeta:
     ``Module._apply`` gives every buffer slot its own new tensor, so a buffer shared by two
     modules, or aliased by a plain attribute (4.x rotary ``original_inv_freq``), would stop
     being shared; the slots are pointed at one moved tensor again, as in the normal build.
+    A plain tensor attribute that a module's own ``_apply`` moves to meta too is snapshotted like
+    a non-persistent buffer (one that stays real keeps its value, and is not held).
 
     ``unfilled(tensor)``: the meta tensor a real-looking tensor stands for if its value was never
     written (an interrupted materialisation, see :mod:`.restore`); such a tensor is garbage, so it
@@ -52,17 +54,21 @@ class MoveToMeta:
                     group[3] = group[3] or name in module._non_persistent_buffers_set
         for module in modules:
             for attribute, value in vars(module).items():
-                if isinstance(value, torch.Tensor) and id(value) in self.groups:
-                    self.groups[id(value)][2].append((module, attribute))
+                if isinstance(value, torch.Tensor) and not value.is_meta and not isinstance(value, torch.nn.Parameter):
+                    self.groups.setdefault(id(value), [value, [], [], True])[2].append((module, attribute))
         self.groups = {key: group for key, group in self.groups.items()
                        if group[3] or len(group[1]) > 1 or group[2]}
         self.views = _views(modules)
 
     def after(self) -> None:
         for real, buffers, attributes, non_persistent in self.groups.values():
-            owner, name = buffers[0]
-            moved = owner._buffers.get(name)
-            if moved is None or not moved.is_meta:
+            if buffers:
+                owner, name = buffers[0]
+                moved = owner._buffers.get(name)
+            else:  # attributes only: moved by their module's own _apply, if at all
+                owner, name = attributes[0]
+                moved = vars(owner).get(name)
+            if not isinstance(moved, torch.Tensor) or not moved.is_meta:
                 continue
             if non_persistent:  # persistent values come back from the checkpoint
                 stands_for = self.unfilled(real) if self.unfilled is not None else None
