@@ -392,8 +392,12 @@ def apply_changes(root, spec, path):
             continue
         holder, name, tensor = _tensor_of(root, path, spec, index)
         if slot.change == "in_place":
-            # a bool tensor becomes all False: never all True, which is what uninitialised bool memory reads as
-            tensor.zero_() if tensor.dtype == torch.bool else tensor.add_(1)
+            # a bool tensor becomes all False (a view's whole base too): never all True, which is what
+            # uninitialised bool memory reads as
+            if tensor.dtype == torch.bool:
+                (tensor if tensor._base is None else tensor._base).zero_()
+            else:
+                tensor.add_(1)
             continue
         fill = 0 if tensor.dtype == torch.bool else 7  # not what uninitialised memory reads as (True, NaN, max int)
         if slot.change == "replaced":
@@ -924,10 +928,6 @@ KNOWN_GAPS = (
     # come back each with storage of its own
     Gap("G26", lambda c: c.base is not None and c.base.change in ("replaced", "resized") and c.flow != TO_META,
         "view"),
-    # G22: a persistent slice view of a buffer no source can give (written in place, no recorded constructor):
-    # loading the view writes part of the base, and the base is then taken as written: not named, mostly garbage
-    Gap("G22", lambda c: c.kind == "persistent" and c.view == "slice" and c.base.kind != "persistent"
-        and (_in_place(c) or c.cls == "own_new" or _random(c)), "view"),
     # G24: to_empty(recurse=False): weight_norm's ``weight`` attribute stays uninitialised, unnamed, when the model
     # also holds a parametrized module and a tensor that is named (the trigger as far as it is narrowed down)
     Gap("G24", lambda c: c.slot is None and c.wrapped == "weight_norm" and c.flow == PER_MODULE

@@ -83,9 +83,12 @@ def _load_state_dict(wrapped: Wrapped, instance: nn.Module, args: WrapperArgs, k
     when the load raised part of the way through: what it assigned keeps its place."""
     if not INTEGRATION.active or getattr(_local, "busy", False):
         return wrapped(*args, **kwargs)
+    from ..mechanism import restore
+
     assign = kwargs.get("assign", len(args) > 2 and args[2])
     try:
-        result = wrapped(*args, **kwargs)
+        with restore.loading():
+            result = wrapped(*args, **kwargs)
     except BaseException:
         if assign:
             contained(lambda: _materialise_left_on_meta(instance), "materialising buffers after load_state_dict",

@@ -31,9 +31,12 @@ value is written, by bufferfix or in place by anyone else.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import weakref
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 import torch
 from torch.nn.utils.weight_norm import WeightNorm
@@ -337,11 +340,19 @@ class Materialisation:
     def _fail(self, group: _Group, target: torch.Tensor | None, found: sources.Found,
               failures: list[Recovery]) -> None:
         # A view made again of this tensor holds what it holds: named with it.
-        for failed in [group] + [viewer for viewer in group.viewers if viewer.view is not None]:
+        viewers = [viewer for viewer in group.viewers if viewer.view is not None]
+        # Loading writes the persistent buffers among these (a view loaded is not named): it rewrites
+        # the tensor only if one of them covers it whole.
+        loaded = [viewer for viewer in [group] + viewers if any(
+            slot.kind == BUFFER and slot.name not in slot.module._non_persistent_buffers_set for slot in viewer.slots)]
+        loaded_whole = target is not None and any(
+            viewer.view is None or math.prod(viewer.view[1]) == target.numel() for viewer in loaded)
+        for failed in [group] + [viewer for viewer in viewers if viewer not in loaded]:
             failures.append(self._recovery(failed, found))
             if self._holding:
                 held = [(slot, slot.read()) for slot in failed.slots]
-                _unsettled.append((failures[-1], held, target, recipes.raw_version(target) if target is not None else 0))
+                _unsettled.append(_Held(failures[-1], held, target,
+                                        recipes.raw_version(target) if target is not None else 0, loaded_whole))
 
     def _place(self, group: _Group, found: sources.Found, device: torch.device | None) -> None:
         """No materialised tensor to copy into: the slots take the value itself.  A plain attribute
@@ -478,9 +489,17 @@ def _device_of(module: torch.nn.Module) -> torch.device:
 
 # --------------------------------------------------------------------------- when loading ends
 
-# Values not recovered at materialisation, whose verdict waits until loading ends: (Recovery, its
-# slots with what each held then, the materialised tensor, that tensor's version then).
-_unsettled: list[tuple[Recovery, list[tuple[Slot, torch.Tensor | None]], torch.Tensor | None, int]] = []
+class _Held(NamedTuple):
+    """A value not recovered at materialisation, whose verdict waits until loading ends."""
+
+    recovery: Recovery
+    slots: list[tuple[Slot, torch.Tensor | None]]  # its slots, with what each held then
+    target: torch.Tensor | None  # the materialised tensor
+    version: int  # that tensor's version then (minus the writes loading made since)
+    loaded_whole: bool  # a persistent buffer loading writes is this tensor, or a view of all of it
+
+
+_unsettled: list[_Held] = []
 _derived: list[tuple[Any, torch.nn.Module, str]] = []  # (hook, module, attribute) waiting for parameters
 
 
@@ -507,13 +526,30 @@ def settle() -> list[Recovery]:
             module.__dict__[name] = hook.compute_weight(module)
     held, _unsettled[:] = list(_unsettled), []
     failures = []
-    for recovery, held_slots, target, version in held:
+    for recovery, held_slots, target, version, _ in held:
         rewritten = (target is not None and not target.is_meta and recipes.raw_version(target) != version) or any(
             (current := slot.read()) is not then and current is not None and not current.is_meta
             for slot, then in held_slots)
         if not rewritten:
             failures.append(recovery)
     return failures
+
+
+@contextlib.contextmanager
+def loading() -> Iterator[None]:
+    """Around a checkpoint's loading: it writes persistent buffers, and one that is a view of part
+    of a value not recovered writes only that part, which does not make the value whole.  Such
+    writes are not counted as rewriting it (the model's own code rewriting it in place is)."""
+    before = {id(held): recipes.raw_version(held.target) for held in _unsettled
+              if held.target is not None and not held.loaded_whole}
+    try:
+        yield
+    finally:
+        for index, held in enumerate(_unsettled):
+            if id(held) in before:
+                assert held.target is not None
+                loaded = recipes.raw_version(held.target) - before[id(held)]
+                _unsettled[index] = held._replace(version=held.version + loaded)
 
 
 def unfilled_count() -> int:

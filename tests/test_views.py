@@ -1,0 +1,42 @@
+"""Views, aliases and storage sharing, each in plain torch: after a flow every tensor is bit-identical to
+a normal build (value, dtype, device, and storage shared with the same tensors), or a warning names it
+with a true reason (see test_seams.assert_exact_or_named)."""
+import warnings
+
+import torch
+from test_seams import BUILT_ON_META, assert_exact_or_named, recoveries_named, run_flow, seeded
+from torch import nn
+
+import bufferfix  # noqa: F401
+from bufferfix import Reason
+
+
+class LoadsPartOfARandomTable(nn.Module):
+    """A random table no source can give, and a persistent buffer that is a view of its first row:
+    loading writes that row, not the rest."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(2, 2)
+        self.register_buffer("table", torch.rand(3, 2), persistent=False)
+        self.register_buffer("first", self.table[:1], persistent=True)
+
+
+def test_a_persistent_view_loaded_does_not_make_its_base_whole():
+    for flow in BUILT_ON_META:
+        reference = seeded(LoadsPartOfARandomTable)()
+        model, caught = run_flow(flow, seeded(LoadsPartOfARandomTable), reference.state_dict())
+        named = assert_exact_or_named(model, reference, caught, {Reason.RANDOM})
+        assert named == {"table": Reason.RANDOM}, flow
+        assert torch.equal(model.first, reference.first)
+        assert model.first.data_ptr() == model.table.data_ptr()
+    # The model's own code rewriting the whole table before loading leaves nothing to report.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.device("meta"):
+            model = seeded(LoadsPartOfARandomTable)()
+        model.to_empty(device="cpu")
+        model.table.copy_(reference.table)
+        model.load_state_dict(reference.state_dict())
+    assert recoveries_named(caught) == []
+    assert_exact_or_named(model, reference, caught)
