@@ -40,3 +40,22 @@ def test_a_persistent_view_loaded_does_not_make_its_base_whole():
         model.load_state_dict(reference.state_dict())
     assert recoveries_named(caught) == []
     assert_exact_or_named(model, reference, caught)
+
+
+class SlicesAnAttribute(nn.Module):
+    """A plain tensor attribute and a plain attribute that is a slice of it."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(2, 2)
+        self.table = torch.arange(6.0).reshape(3, 2) * 2
+        self.first = self.table[1:]
+
+
+def test_a_slice_of_a_plain_attribute_is_a_view_of_it_again():
+    for flow in BUILT_ON_META:
+        reference = seeded(SlicesAnAttribute)()
+        model, caught = run_flow(flow, seeded(SlicesAnAttribute), reference.state_dict())
+        assert assert_exact_or_named(model, reference, caught) == {}, flow
+        assert model.first._base is model.table or model.first.untyped_storage().data_ptr() == \
+            model.table.untyped_storage().data_ptr(), flow

@@ -880,8 +880,6 @@ KNOWN_GAPS = (
     # G3: spectral_norm's ``weight`` attribute (its forward pre-hook recomputes it) is named RANDOM after a dtype
     # cast on meta or a load with assign=True
     Gap("G3", lambda c: c.slot is None and c.wrapped == "spectral_norm" and c.flow in (CAST, ASSIGN), "wrapped"),
-    # G4: a slice view of a plain tensor attribute comes back with storage of its own
-    Gap("G4", lambda c: c.view == "slice" and c.base.kind == "attribute", "view"),
     # G5: where tensors stay real (init_empty_weights, .to("meta") snapshots), a list / tuple / dict holding a
     # buffer (or a view of it) holds another tensor after
     Gap("G5", lambda c: c.base is not None and c.kind in CONTAINERS and c.flow in (ACCELERATE, TO_META), "view"),

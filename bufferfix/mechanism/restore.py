@@ -319,6 +319,10 @@ class Materialisation:
         if group.derived is not None:
             _hold_derived(group)
             return
+        if group.view is not None and target is None:  # a view of a value placed before it
+            if self._view_of_placed(group) or self.groups[group.view[0][1]].derived is None:
+                return  # made a view again, or named with its base, which has no value
+            group.view = None  # its base is derived from parameters later: filled on its own
         found = sources.find(group.old, group.slots)
         if found.value is None:
             self._fail(group, target, found, failures)
@@ -394,6 +398,8 @@ class Materialisation:
                     slot.write(target)
                 group.needs_value = False  # its values are its base's
                 return target
+            if self._base_placed(group):
+                return None  # made a view of its base's value once that is placed (fill)
             group.view = None  # its base was not materialised: filled on its own
         if not group.buffers:
             if group.tensor is None:
@@ -419,6 +425,26 @@ class Materialisation:
             if other.read() is not target:
                 other.write(target)
         return target
+
+    def _base_placed(self, group: _Group) -> bool:
+        """Is ``group`` a view of a tensor no materialisation replaces, that takes its value itself
+        (:meth:`_place`: a plain attribute, a tensor in a container, on meta)?"""
+        assert group.view is not None
+        location = group.view[0]
+        base = self.groups.get(location[1]) if location[0] == "group" else None
+        return base is not None and base.tensor is not None and base.tensor.is_meta and not base.buffers
+
+    def _view_of_placed(self, group: _Group) -> bool:
+        """Make ``group`` a view of its base's placed value; False if the base holds none."""
+        assert group.view is not None
+        location, size, stride, offset = group.view
+        base = self.groups[location[1]].slots[0].read()
+        if base is None or base.is_meta:
+            return False
+        view = base.as_strided(size, stride, base.storage_offset() + offset)
+        for slot in group.slots:
+            slot.write(view)
+        return True
 
     def _view_target(self, group: _Group, targets: dict[Any, torch.Tensor | None]) -> torch.Tensor | None:
         assert group.view is not None
