@@ -1,14 +1,17 @@
 """Views, aliases and storage sharing, each in plain torch: after a flow every tensor is bit-identical to
 a normal build (value, dtype, device, and storage shared with the same tensors), or a warning names it
 with a true reason (see test_seams.assert_exact_or_named)."""
+import functools
 import warnings
 
+import pytest
 import torch
 from test_seams import BUILT_ON_META, assert_exact_or_named, recoveries_named, run_flow, seeded
 from torch import nn
 
 import bufferfix  # noqa: F401
 from bufferfix import Reason
+from bufferfix.flows import FLOWS
 
 
 class LoadsPartOfARandomTable(nn.Module):
@@ -59,3 +62,28 @@ def test_a_slice_of_a_plain_attribute_is_a_view_of_it_again():
         assert assert_exact_or_named(model, reference, caught) == {}, flow
         assert model.first._base is model.table or model.first.untyped_storage().data_ptr() == \
             model.table.untyped_storage().data_ptr(), flow
+
+
+class SlicesAnExpandedTable(nn.Module):
+    """An expanded table (stride 0 along its last dimension) and a slice of it, as buffers or as plain
+    attributes."""
+
+    def __init__(self, buffers=True):
+        super().__init__()
+        self.linear = nn.Linear(2, 2)
+        table = (torch.arange(3.0)[:, None] * 2 + 1).expand(3, 4)
+        for name, tensor in (("table", table), ("rest", table[1:])):
+            if buffers:
+                self.register_buffer(name, tensor, persistent=False)
+            else:
+                setattr(self, name, tensor)
+
+
+@pytest.mark.parametrize("buffers", [True, False])
+@pytest.mark.parametrize("flow", list(FLOWS))
+def test_a_slice_of_an_expanded_tensor_is_a_view_of_it_again(flow, buffers):
+    build = functools.partial(SlicesAnExpandedTable, buffers)
+    reference = seeded(build)()
+    model, caught = run_flow(flow, seeded(build), reference.state_dict())
+    assert assert_exact_or_named(model, reference, caught) == {}
+    assert model.table.stride() == (1, 0) and model.rest.storage_offset() == 1

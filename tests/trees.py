@@ -930,8 +930,6 @@ KNOWN_GAPS = (
     # also holds a parametrized module and a tensor that is named (the trigger as far as it is narrowed down)
     Gap("G24", lambda c: c.slot is None and c.wrapped == "weight_norm" and c.flow == PER_MODULE
         and any(spec.wrapped == "parametrize" for _, spec in node_specs(c.tree)), "wrapped"),
-    # G23: a slice view of an expanded tensor (stride 0) comes back with storage of its own, and so does its base
-    Gap("G23", lambda c: c.view == "slice" and c.base.value == "expanded", "view"),
 )
 
 

@@ -320,9 +320,9 @@ class Materialisation:
             _hold_derived(group)
             return
         if group.view is not None and target is None:  # a view of a value placed before it
-            if self._view_of_placed(group) or self.groups[group.view[0][1]].derived is None:
-                return  # made a view again, or named with its base, which has no value
-            group.view = None  # its base is derived from parameters later: filled on its own
+            if self._view_of_placed(group):
+                return
+            group.view = None  # filled on its own
         found = sources.find(group.old, group.slots)
         if found.value is None:
             self._fail(group, target, found, failures)
@@ -374,6 +374,14 @@ class Materialisation:
             where = device if device is not None and ATTRIBUTE in kinds else value.device
             dtype = group.old.dtype if group.old is not None else value.dtype
             value = value.to(device=where, dtype=dtype, copy=True)
+            if group.viewers and group.old is not None and value.stride() != group.old.stride():
+                # laid out afresh (an expanded tensor comes back contiguous): its views need the old layout
+                laid = torch.empty_strided(group.old.shape, group.old.stride(), dtype=value.dtype, device=value.device)
+                try:
+                    _copy(laid, value)
+                    value = laid
+                except RuntimeError:
+                    pass  # its views are filled on their own
         for slot in group.slots:
             slot.write(value, found.replayed)
 
@@ -420,6 +428,10 @@ class Materialisation:
                 if earlier not in _unfilled:
                     group.needs_value = False  # filled by the earlier call
             elif not target.is_meta and target is not group.tensor:
+                old = group.tensor
+                if group.viewers and old is not None and target.stride() != old.stride():
+                    # laid out afresh (an expanded tensor comes back contiguous): its views need the old layout
+                    target = torch.empty_strided(old.shape, old.stride(), dtype=target.dtype, device=target.device)
                 _materialised[group.tensor] = weakref.ref(target)
         for other in group.slots:
             if other.read() is not target:
@@ -435,11 +447,17 @@ class Materialisation:
         return base is not None and base.tensor is not None and base.tensor.is_meta and not base.buffers
 
     def _view_of_placed(self, group: _Group) -> bool:
-        """Make ``group`` a view of its base's placed value; False if the base holds none."""
+        """Make ``group`` a view of its base's placed value; True if done, or if the base has no value
+        (then it is named with its base); False if it is to be filled on its own (its base is laid
+        out afresh, or derived from parameters later)."""
         assert group.view is not None
         location, size, stride, offset = group.view
-        base = self.groups[location[1]].slots[0].read()
+        planned = self.groups[location[1]]
+        base = planned.slots[0].read()
         if base is None or base.is_meta:
+            return planned.derived is None
+        assert planned.tensor is not None
+        if base.stride() != planned.tensor.stride():
             return False
         view = base.as_strided(size, stride, base.storage_offset() + offset)
         for slot in group.slots:
@@ -465,10 +483,10 @@ class Materialisation:
         if target.is_meta:
             return  # still on meta (e.g. to_empty(device="meta")): nothing to fill
         try:
-            target.copy_(value)
+            _copy(target, value)
             _unfilled.pop(target, None)
         except RuntimeError:
-            # An expanded target (stride 0) cannot be written element-wise: swap the tensor.
+            # An expanded target (stride 0) that cannot take the value: swap the tensor.
             _unfilled.pop(target, None)
             replacement = value.to(device=target.device, dtype=target.dtype, copy=True)
             for slot in group.slots:
@@ -503,6 +521,19 @@ class Materialisation:
             else:
                 found.append(self._recovery(group, sources.find(group.old, group.slots)))
         return found
+
+
+def _copy(target: torch.Tensor, value: torch.Tensor) -> None:
+    """``target.copy_(value)``; an expanded ``target`` (stride 0) takes it in its memory, if ``value`` is
+    expanded as it is.  Raises RuntimeError if it cannot."""
+    memory = slots.dense(target)
+    if memory is target:
+        target.copy_(value)
+        return
+    part = value[tuple(slice(0, 1) if stride == 0 else slice(None) for stride in target.stride())]
+    if not torch.equal(part.expand_as(value), value):
+        raise RuntimeError("the value is not expanded as its target is")
+    memory.copy_(part)
 
 
 def _device_of(module: torch.nn.Module) -> torch.device:

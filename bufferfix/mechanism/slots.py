@@ -91,13 +91,23 @@ class Slot:
 
 
 def within(view: torch.Tensor, base: torch.Tensor) -> int | torch.SymInt | None:
-    """The offset of ``view``'s first element from ``base``'s, if every element of ``view`` is one of
-    ``base``'s contiguous span (so ``view`` can be made again from a new ``base``); else None."""
+    """The offset of ``view``'s first element from ``base``'s, if every element of ``view`` is in
+    ``base``'s memory, a contiguous span (``base`` contiguous, or expanded from a contiguous
+    tensor), so ``view`` can be made again from a new ``base`` laid out as ``base`` is; else None."""
     offset = view.storage_offset() - base.storage_offset()
-    if not base.is_contiguous() or offset < 0:
+    memory = dense(base)
+    if not memory.is_contiguous() or offset < 0:
         return None
     last = offset + sum((size - 1) * stride for size, stride in zip(view.shape, view.stride()) if size)
-    return offset if view.numel() == 0 or last < base.numel() else None
+    return offset if view.numel() == 0 or last < memory.numel() else None
+
+
+def dense(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` without its expanded dimensions (stride 0, narrowed to one element): its memory,
+    each element once.  ``tensor`` itself if it has none."""
+    if 0 not in tensor.stride():
+        return tensor
+    return tensor[tuple(slice(0, 1) if stride == 0 else slice(None) for stride in tensor.stride())]
 
 
 # --------------------------------------------------------------------------- tensors in containers
