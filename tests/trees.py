@@ -880,6 +880,11 @@ KNOWN_GAPS = (
     # G3: spectral_norm's ``weight`` attribute (its forward pre-hook recomputes it) is named RANDOM after a dtype
     # cast on meta or a load with assign=True
     Gap("G3", lambda c: c.slot is None and c.wrapped == "spectral_norm" and c.flow in (CAST, ASSIGN), "wrapped"),
+    # G4: after .to("meta"), a buffer that is a slice view of a plain tensor attribute (which the move leaves
+    # real) comes back with storage of its own: the view is planned from the moved meta tensor, whose storage is
+    # not the attribute's, and the snapshot that is a view of it is not looked at
+    Gap("G4", lambda c: c.view == "slice" and c.base.kind == "attribute" and c.kind != "attribute"
+        and c.flow == TO_META, "view"),
     # G5: where tensors stay real (init_empty_weights, .to("meta") snapshots), a list / tuple / dict holding a
     # buffer (or a view of it) holds another tensor after
     Gap("G5", lambda c: c.base is not None and c.kind in CONTAINERS and c.flow in (ACCELERATE, TO_META), "view"),
