@@ -1,6 +1,7 @@
 """Views, aliases and storage sharing, each in plain torch: after a flow every tensor is bit-identical to
 a normal build (value, dtype, device, and storage shared with the same tensors), or a warning names it
 with a true reason (see test_seams.assert_exact_or_named)."""
+import copy
 import functools
 import warnings
 
@@ -87,3 +88,27 @@ def test_a_slice_of_an_expanded_tensor_is_a_view_of_it_again(flow, buffers):
     model, caught = run_flow(flow, seeded(build), reference.state_dict())
     assert assert_exact_or_named(model, reference, caught) == {}
     assert model.table.stride() == (1, 0) and model.rest.storage_offset() == 1
+
+
+class SlicedTable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(2, 2)
+        self.register_buffer("table", torch.arange(6.0).reshape(3, 2) * 2, persistent=False)
+        self.register_buffer("rest", self.table[1:], persistent=False)
+        self.first = self.table[0]
+
+
+class HoldsADeepCopy(nn.Module):
+    """A child kept as a ``copy.deepcopy`` (of meta tensors, under a meta build: each copied to storage of its own)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = copy.deepcopy(SlicedTable())
+
+
+@pytest.mark.parametrize("flow", list(FLOWS))
+def test_views_in_a_deep_copied_module_are_views_again(flow):
+    reference = seeded(HoldsADeepCopy)()
+    model, caught = run_flow(flow, seeded(HoldsADeepCopy), reference.state_dict())
+    assert assert_exact_or_named(model, reference, caught) == {}

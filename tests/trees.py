@@ -885,6 +885,10 @@ KNOWN_GAPS = (
     # not the attribute's, and the snapshot that is a view of it is not looked at
     Gap("G4", lambda c: c.view == "slice" and c.base.kind == "attribute" and c.kind != "attribute"
         and c.flow == TO_META, "view"),
+    # G23: a slice view of an expanded (stride 0) persistent buffer comes back with storage of its own: loading
+    # cannot write an expanded tensor, so the buffer keeps the contiguous layout materialisation gives it, and the
+    # view's strides no longer say where its elements are in it (a normal build cannot load such a buffer at all)
+    Gap("G23", lambda c: c.view == "slice" and c.base.value == "expanded" and c.base.kind == "persistent", "view"),
     # G5: where tensors stay real (init_empty_weights, .to("meta") snapshots), a list / tuple / dict holding a
     # buffer (or a view of it) holds another tensor after
     Gap("G5", lambda c: c.base is not None and c.kind in CONTAINERS and c.flow in (ACCELERATE, TO_META), "view"),
@@ -924,9 +928,6 @@ KNOWN_GAPS = (
     Gap("G20", lambda c: c.flow == PER_MODULE and c.base is not None and (
         (c.kind == "on_child" and (c.view == "slice" or c.base.kind in ("attribute", "persistent")))
         or c.view == "from_child"), "view"),
-    # G25: in a module kept as a copy.deepcopy, a slice view comes back with storage of its own; written in place
-    # after the build (through its base), it gets the constructor's value, unnamed (the base is named)
-    Gap("G25", lambda c: c.view == "slice" and c.copied and c.flow != TO_META, "view"),
     # G26: views of a tensor that user code replaced after construction (no slot holds the old base any more)
     # come back each with storage of its own
     Gap("G26", lambda c: c.base is not None and c.base.change in ("replaced", "resized") and c.flow != TO_META,

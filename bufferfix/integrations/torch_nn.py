@@ -158,8 +158,21 @@ def _deepcopy(self: nn.Module, memo: dict[int, Any]) -> nn.Module:
 
 
 def _carry_over(original: nn.Module, memo: dict[int, Any]) -> None:
-    from ..mechanism import recipes, recording, snapshots
+    import torch
 
+    from ..mechanism import recipes, recording, slots, snapshots
+
+    # A view among the copied tensors is a view again (meta tensors are copied each to storage of its own).
+    copies = [(module, duplicate, name, tensor, memo.get(id(tensor))) for module in original.modules()
+              if (duplicate := memo.get(id(module))) is not None
+              for name, tensor in [*module._buffers.items(), *vars(module).items()]
+              if isinstance(tensor, torch.Tensor) and not isinstance(tensor, torch.nn.Parameter)]
+    pairs = [(tensor, copied) for _, _, _, tensor, copied in copies if copied is not None and tensor.is_meta]
+    views = slots.views_again(pairs) if len(pairs) > 1 else {}
+    for _, duplicate, name, _, copied in copies:
+        view = views.get(id(copied))
+        if view is not None:
+            (duplicate._buffers if name in duplicate._buffers else duplicate.__dict__)[name] = view
     for module in original.modules():
         duplicate = memo.get(id(module))
         if duplicate is None:
@@ -167,6 +180,7 @@ def _carry_over(original: nn.Module, memo: dict[int, Any]) -> None:
         recording.follow_copy(module, duplicate)
         for tensor in module._buffers.values():
             copied = memo.get(id(tensor))
+            copied = views.get(id(copied), copied)
             if tensor is not None and copied is not None:
                 snapshots.follow_copy(tensor, copied)
                 recipes.follow_tensor_copy(tensor, copied)

@@ -429,8 +429,11 @@ class Materialisation:
                     group.needs_value = False  # filled by the earlier call
             elif not target.is_meta and target is not group.tensor:
                 old = group.tensor
-                if group.viewers and old is not None and target.stride() != old.stride():
-                    # laid out afresh (an expanded tensor comes back contiguous): its views need the old layout
+                if group.viewers and old is not None and target.stride() != old.stride() and not any(
+                        other.kind == BUFFER and other.name not in other.module._non_persistent_buffers_set
+                        for other in group.slots):
+                    # laid out afresh (an expanded tensor comes back contiguous): its views need the old
+                    # layout (a persistent buffer keeps the new one: loading cannot write an expanded tensor)
                     target = torch.empty_strided(old.shape, old.stride(), dtype=target.dtype, device=target.device)
                 _materialised[group.tensor] = weakref.ref(target)
         for other in group.slots:
@@ -471,6 +474,9 @@ class Materialisation:
             base = location[1]._parameters.get(location[2])
         else:
             base = targets.get(location[1])
+            planned = self.groups[location[1]].tensor
+            if base is not None and planned is not None and base.stride() != planned.stride():
+                return None  # laid out afresh: filled on its own
         if base is None or base.is_meta:
             return None
         try:

@@ -102,6 +102,30 @@ def within(view: torch.Tensor, base: torch.Tensor) -> int | torch.SymInt | None:
     return offset if view.numel() == 0 or last < memory.numel() else None
 
 
+def views_again(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[int, torch.Tensor]:
+    """``pairs``: ``(original, copy)`` of tensors copied one by one (``copy.deepcopy`` gives each meta
+    tensor storage of its own).  Returns ``{id(copy): view}`` for each copy whose original is a view
+    of another original's memory (:func:`within`): the view made again of that one's copy, and
+    for that one's copy, if it was laid out afresh (expanded, copied contiguous), a meta tensor laid
+    out as its original.  Meta copies only: nothing is copied."""
+    bases: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(original storage) -> (original, copy)
+    made: dict[int, torch.Tensor] = {}
+    for original, copy in sorted(pairs, key=lambda pair: pair[0]._base is not None):
+        storage = original.untyped_storage()
+        base = bases.setdefault(id(storage), (original, copy))
+        if base[0] is original or copy.untyped_storage() is base[1].untyped_storage():
+            continue  # the first of its storage, or copied as a view already
+        offset = within(original, base[0])
+        if offset is None:
+            continue
+        if base[1].stride() != base[0].stride():  # copied laid out afresh (an expanded one): as it was, on meta
+            relaid = torch.empty_strided(base[0].shape, base[0].stride(), dtype=base[1].dtype, device="meta")
+            made[id(base[1])] = relaid
+            base = bases[id(storage)] = (base[0], relaid)
+        made[id(copy)] = base[1].as_strided(original.shape, original.stride(), base[1].storage_offset() + offset)
+    return made
+
+
 def dense(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` without its expanded dimensions (stride 0, narrowed to one element): its memory,
     each element once.  ``tensor`` itself if it has none."""
