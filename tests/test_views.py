@@ -112,3 +112,28 @@ def test_views_in_a_deep_copied_module_are_views_again(flow):
     reference = seeded(HoldsADeepCopy)()
     model, caught = run_flow(flow, seeded(HoldsADeepCopy), reference.state_dict())
     assert assert_exact_or_named(model, reference, caught) == {}
+
+
+class ReplacesItsTable(nn.Module):
+    """Views of a table that user code then replaces: no slot holds the tensor they are views of."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(2, 2)
+        self.register_buffer("table", torch.arange(6.0).reshape(3, 2) * 2, persistent=False)
+        self.register_buffer("rest", self.table[1:], persistent=False)
+        self.first = self.table[0]
+
+
+def replaced_table():
+    model = ReplacesItsTable()
+    model.table = torch.full_like(model.table, 7)
+    return model
+
+
+@pytest.mark.parametrize("flow", [flow for flow in FLOWS if flow != ".to('meta')"])
+def test_views_of_a_replaced_tensor_share_its_memory_again(flow):
+    reference = seeded(replaced_table)()
+    model, caught = run_flow(flow, seeded(replaced_table), reference.state_dict())
+    named = assert_exact_or_named(model, reference, caught, {Reason.REPLACED})
+    assert set(named) <= {"table"}

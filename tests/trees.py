@@ -928,10 +928,6 @@ KNOWN_GAPS = (
     Gap("G20", lambda c: c.flow == PER_MODULE and c.base is not None and (
         (c.kind == "on_child" and (c.view == "slice" or c.base.kind in ("attribute", "persistent")))
         or c.view == "from_child"), "view"),
-    # G26: views of a tensor that user code replaced after construction (no slot holds the old base any more)
-    # come back each with storage of its own
-    Gap("G26", lambda c: c.base is not None and c.base.change in ("replaced", "resized") and c.flow != TO_META,
-        "view"),
     # G24: to_empty(recurse=False): weight_norm's ``weight`` attribute stays uninitialised, unnamed, when the model
     # also holds a parametrized module and a tensor that is named (the trigger as far as it is narrowed down)
     Gap("G24", lambda c: c.slot is None and c.wrapped == "weight_norm" and c.flow == PER_MODULE

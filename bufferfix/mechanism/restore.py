@@ -220,6 +220,24 @@ class Materialisation:
                     storage = param.untyped_storage()
                     by_storage.setdefault(id(storage), (("parameter", module, name), param, storage))
         candidates = [(key, group, group.tensor) for key, group in self.groups.items() if group.tensor is not None]
+        unplanned = self._plan_views_among(candidates, dict(by_storage), bases)
+        # Views of a tensor that no slot holds (replaced after they were made), not views of each other:
+        # planned again, as views of memory laid out as that tensor was.
+        unheld = {id(t._base): t._base for t in unplanned if t._base is not None and id(t._base) not in self.groups
+                  and not isinstance(t._base, torch.nn.Parameter)}
+        if unheld:
+            for group in self.groups.values():
+                group.view, group.viewers = None, []
+            bases.clear()
+            candidates += [(key, self.groups.setdefault(key, _Group(tensor)), tensor) for key, tensor in unheld.items()]
+            self._plan_views_among(candidates, by_storage, bases)
+        return bases
+
+    def _plan_views_among(self, candidates: list[tuple[Any, _Group, torch.Tensor]],
+                          by_storage: dict[int, tuple[Any, torch.Tensor, Any]], bases: set[Any]) -> list[torch.Tensor]:
+        """Plans each candidate sharing storage with an earlier one as a view of it; returns the
+        tensors that share storage beyond what that one covers (filled on their own)."""
+        unplanned = []
         for key, group, tensor in sorted(candidates, key=lambda entry: entry[2]._base is not None):
             storage = tensor.untyped_storage()
             base = by_storage.get(id(storage))
@@ -229,12 +247,13 @@ class Materialisation:
             base_location, base_tensor, _ = base
             offset = slots.within(tensor, base_tensor)
             if offset is None:
+                unplanned.append(tensor)
                 continue  # shares memory beyond what the base covers: filled on its own
             group.view = (base_location, tuple(tensor.shape), tensor.stride(), offset)
             if base_location[0] == "group":
                 bases.add(base_location[1])
                 self.groups[base_location[1]].viewers.append(group)
-        return bases
+        return unplanned
 
     def _path(self, module: torch.nn.Module) -> str:
         if self._paths is None:
@@ -404,11 +423,15 @@ class Materialisation:
             if target is not None:
                 for slot in group.slots:
                     slot.write(target)
-                group.needs_value = False  # its values are its base's
+                location = group.view[0]
+                if location[0] == "parameter" or self.groups[location[1]].slots:
+                    group.needs_value = False  # its values are its base's (a base no slot holds has none)
                 return target
             if self._base_placed(group):
                 return None  # made a view of its base's value once that is placed (fill)
             group.view = None  # its base was not materialised: filled on its own
+        if not group.slots:  # the base of views, that no slot holds
+            return self._unheld_base(group)
         if not group.buffers:
             if group.tensor is None:
                 return None
@@ -441,13 +464,26 @@ class Materialisation:
                 other.write(target)
         return target
 
+    @staticmethod
+    def _unheld_base(group: _Group) -> torch.Tensor | None:
+        """Memory for a tensor that no slot holds, laid out as it was, where the buffers that are
+        views of it were materialised (None if none was)."""
+        assert group.tensor is not None
+        for slot in (slot for viewer in group.viewers for slot in viewer.buffers):
+            done = slot.module._buffers[slot.name]
+            if done is not None and not done.is_meta and not any(done is viewer.tensor for viewer in group.viewers):
+                return torch.empty_strided(group.tensor.shape, group.tensor.stride(), dtype=done.dtype,
+                                           device=done.device)
+        return None
+
     def _base_placed(self, group: _Group) -> bool:
         """Is ``group`` a view of a tensor no materialisation replaces, that takes its value itself
         (:meth:`_place`: a plain attribute, a tensor in a container, on meta)?"""
         assert group.view is not None
         location = group.view[0]
         base = self.groups.get(location[1]) if location[0] == "group" else None
-        return base is not None and base.tensor is not None and base.tensor.is_meta and not base.buffers
+        return (base is not None and base.tensor is not None and base.tensor.is_meta and not base.buffers
+                and bool(base.slots))
 
     def _view_of_placed(self, group: _Group) -> bool:
         """Make ``group`` a view of its base's placed value; True if done, or if the base has no value
