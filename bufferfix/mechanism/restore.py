@@ -424,7 +424,7 @@ class Materialisation:
                 for slot in group.slots:
                     slot.write(target)
                 location = group.view[0]
-                if location[0] == "parameter" or self.groups[location[1]].slots:
+                if location[0] == "parameter" or location[1] not in self.groups or self.groups[location[1]].slots:
                     group.needs_value = False  # its values are its base's (a base no slot holds has none)
                 return target
             if self._base_placed(group):
@@ -510,7 +510,7 @@ class Materialisation:
             base = location[1]._parameters.get(location[2])
         else:
             base = targets.get(location[1])
-            planned = self.groups[location[1]].tensor
+            planned = self.groups[location[1]].tensor if location[1] in self.groups else None
             if base is not None and planned is not None and base.stride() != planned.stride():
                 return None  # laid out afresh: filled on its own
         if base is None or base.is_meta:
@@ -666,6 +666,8 @@ def materialise_meta_buffers(model: torch.nn.Module, device: torch.device | str 
     if not plan.groups:
         return plan
     for group in plan.groups.values():
+        if group.view is not None and group.view[0][0] == "group" and group.view[0][1] not in plan.groups:
+            group.view = None  # its base is left alone: filled on its own
         if group.buffers and group.view is None:
             assert group.tensor is not None
             slot = group.buffers[0]
