@@ -85,9 +85,12 @@ def _load_state_dict(wrapped: Wrapped, instance: nn.Module, args: WrapperArgs, k
     when the load raised part of the way through: what it assigned keeps its place."""
     if not INTEGRATION.active or getattr(_local, "busy", False):
         return wrapped(*args, **kwargs)
+    from ..mechanism import restore
+
     assign = kwargs.get("assign", len(args) > 2 and args[2])
     try:
-        result = wrapped(*args, **kwargs)
+        with restore.loading():
+            result = wrapped(*args, **kwargs)
     except BaseException:
         if assign:
             contained(lambda: _materialise_left_on_meta(instance), "materialising buffers after load_state_dict",
@@ -203,8 +206,21 @@ def _deepcopy(self: nn.Module, memo: dict[int, Any]) -> nn.Module:
 
 
 def _carry_over(original: nn.Module, memo: dict[int, Any]) -> None:
-    from ..mechanism import recording
+    import torch
 
+    from ..mechanism import recording, slots
+
+    # A view among the copied tensors is a view again (meta tensors are copied each to storage of its own).
+    copies = [(module, duplicate, name, tensor, memo.get(id(tensor))) for module in original.modules()
+              if (duplicate := memo.get(id(module))) is not None
+              for name, tensor in [*module._buffers.items(), *vars(module).items()]
+              if isinstance(tensor, torch.Tensor) and not isinstance(tensor, torch.nn.Parameter)]
+    pairs = [(tensor, copied) for _, _, _, tensor, copied in copies if copied is not None and tensor.is_meta]
+    views = slots.views_again(pairs) if len(pairs) > 1 else {}
+    for _, duplicate, name, _, copied in copies:
+        view = views.get(id(copied))
+        if view is not None:
+            (duplicate._buffers if name in duplicate._buffers else duplicate.__dict__)[name] = view
     for module in original.modules():
         duplicate = memo.get(id(module))
         if duplicate is None:
@@ -212,6 +228,7 @@ def _carry_over(original: nn.Module, memo: dict[int, Any]) -> None:
         recording.follow_copy(module, duplicate)
         for tensor in module._buffers.values():
             copied = memo.get(id(tensor))
+            copied = views.get(id(copied), copied)
             if tensor is not None and copied is not None:
                 recording.follow_tensor(tensor, copied)
 

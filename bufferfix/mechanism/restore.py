@@ -32,9 +32,12 @@ value is written, by bufferfix or in place by anyone else.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import weakref
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 import torch
 from torch.nn.utils.spectral_norm import SpectralNorm
@@ -235,6 +238,24 @@ class Materialisation:
                     storage = param.untyped_storage()
                     by_storage.setdefault(id(storage), (("parameter", module, name), param, storage))
         candidates = [(key, group, group.tensor) for key, group in self.groups.items() if group.tensor is not None]
+        unplanned = self._plan_views_among(candidates, dict(by_storage), bases)
+        # Views of a tensor that no slot holds (replaced after they were made), not views of each other:
+        # planned again, as views of memory laid out as that tensor was.
+        unheld = {id(t._base): t._base for t in unplanned if t._base is not None and id(t._base) not in self.groups
+                  and not isinstance(t._base, torch.nn.Parameter)}
+        if unheld:
+            for group in self.groups.values():
+                group.view, group.viewers = None, []
+            bases.clear()
+            candidates += [(key, self.groups.setdefault(key, _Group(tensor)), tensor) for key, tensor in unheld.items()]
+            self._plan_views_among(candidates, by_storage, bases)
+        return bases
+
+    def _plan_views_among(self, candidates: list[tuple[Any, _Group, torch.Tensor]],
+                          by_storage: dict[int, tuple[Any, torch.Tensor, Any]], bases: set[Any]) -> list[torch.Tensor]:
+        """Plans each candidate sharing storage with an earlier one as a view of it; returns the
+        tensors that share storage beyond what that one covers (filled on their own)."""
+        unplanned = []
         for key, group, tensor in sorted(candidates, key=lambda entry: entry[2]._base is not None):
             storage = tensor.untyped_storage()
             base = by_storage.get(id(storage))
@@ -244,12 +265,13 @@ class Materialisation:
             base_location, base_tensor, _ = base
             offset = slots.within(tensor, base_tensor)
             if offset is None:
+                unplanned.append(tensor)
                 continue  # shares memory beyond what the base covers: filled on its own
             group.view = (base_location, tuple(tensor.shape), tensor.stride(), offset)
             if base_location[0] == "group":
                 bases.add(base_location[1])
                 self.groups[base_location[1]].viewers.append(group)
-        return bases
+        return unplanned
 
     def _path(self, module: torch.nn.Module) -> str:
         if self._paths is None:
@@ -338,6 +360,10 @@ class Materialisation:
             else:
                 self._fail(group, target, sources.Found(None, attempts=(cast,)), failures)
             return
+        if group.view is not None and target is None:  # a view of a value placed before it
+            if self._view_of_placed(group):
+                return
+            group.view = None  # filled on its own
         found = sources.find(group.old, group.slots)
         if found.value is None:
             self._fail(group, target, found, failures)
@@ -373,11 +399,19 @@ class Materialisation:
     def _fail(self, group: _Group, target: torch.Tensor | None, found: sources.Found,
               failures: list[Recovery]) -> None:
         # A view made again of this tensor holds what it holds: named with it.
-        for failed in [group] + [viewer for viewer in group.viewers if viewer.view is not None]:
+        viewers = [viewer for viewer in group.viewers if viewer.view is not None]
+        # Loading writes the persistent buffers among these (a view loaded is not named): it rewrites
+        # the tensor only if one of them covers it whole.
+        loaded = [viewer for viewer in [group] + viewers if any(
+            slot.kind == BUFFER and slot.name not in slot.module._non_persistent_buffers_set for slot in viewer.slots)]
+        loaded_whole = target is not None and any(
+            viewer.view is None or math.prod(viewer.view[1]) == target.numel() for viewer in loaded)
+        for failed in [group] + [viewer for viewer in viewers if viewer not in loaded]:
             failures.append(self._recovery(failed, found))
             if self._holding:
                 held = [(slot, slot.read()) for slot in failed.slots]
-                _unsettled.append((failures[-1], held, target, recipes.raw_version(target) if target is not None else 0))
+                _unsettled.append(_Held(failures[-1], held, target,
+                                        recipes.raw_version(target) if target is not None else 0, loaded_whole))
 
     def _place(self, group: _Group, found: sources.Found, device: torch.device | None) -> None:
         """No materialised tensor to copy into: the slots take the value itself.  A plain attribute
@@ -395,6 +429,14 @@ class Materialisation:
             where = device if device is not None and ATTRIBUTE in kinds else value.device
             dtype = group.old.dtype if group.old is not None else value.dtype
             value = value.to(device=where, dtype=dtype, copy=True)
+            if group.viewers and group.old is not None and value.stride() != group.old.stride():
+                # laid out afresh (an expanded tensor comes back contiguous): its views need the old layout
+                laid = torch.empty_strided(group.old.shape, group.old.stride(), dtype=value.dtype, device=value.device)
+                try:
+                    _copy(laid, value)
+                    value = laid
+                except RuntimeError:
+                    pass  # its views are filled on their own
         for slot in group.slots:
             slot.write(value, found.replayed)
 
@@ -417,9 +459,15 @@ class Materialisation:
             if target is not None:
                 for slot in group.slots:
                     slot.write(target)
-                group.needs_value = False  # its values are its base's
+                location = group.view[0]
+                if location[0] == "parameter" or location[1] not in self.groups or self.groups[location[1]].slots:
+                    group.needs_value = False  # its values are its base's (a base no slot holds has none)
                 return target
+            if self._base_placed(group):
+                return None  # made a view of its base's value once that is placed (fill)
             group.view = None  # its base was not materialised: filled on its own
+        if not group.slots:  # the base of views, that no slot holds
+            return self._unheld_base(group)
         if not group.buffers:
             if group.tensor is None:
                 return None
@@ -439,11 +487,57 @@ class Materialisation:
                 if earlier not in _unfilled:
                     group.needs_value = False  # filled by the earlier call
             elif not target.is_meta and target is not group.tensor:
+                old = group.tensor
+                if group.viewers and old is not None and target.stride() != old.stride() and not any(
+                        other.kind == BUFFER and other.name not in other.module._non_persistent_buffers_set
+                        for other in group.slots):
+                    # laid out afresh (an expanded tensor comes back contiguous): its views need the old
+                    # layout (a persistent buffer keeps the new one: loading cannot write an expanded tensor)
+                    target = torch.empty_strided(old.shape, old.stride(), dtype=target.dtype, device=target.device)
                 _materialised[group.tensor] = weakref.ref(target)
         for other in group.slots:
             if other.read() is not target:
                 other.write(target)
         return target
+
+    @staticmethod
+    def _unheld_base(group: _Group) -> torch.Tensor | None:
+        """Memory for a tensor that no slot holds, laid out as it was, where the buffers that are
+        views of it were materialised (None if none was)."""
+        assert group.tensor is not None
+        for slot in (slot for viewer in group.viewers for slot in viewer.buffers):
+            done = slot.module._buffers[slot.name]
+            if done is not None and not done.is_meta and not any(done is viewer.tensor for viewer in group.viewers):
+                return torch.empty_strided(group.tensor.shape, group.tensor.stride(), dtype=done.dtype,
+                                           device=done.device)
+        return None
+
+    def _base_placed(self, group: _Group) -> bool:
+        """Is ``group`` a view of a tensor no materialisation replaces, that takes its value itself
+        (:meth:`_place`: a plain attribute, a tensor in a container, on meta)?"""
+        assert group.view is not None
+        location = group.view[0]
+        base = self.groups.get(location[1]) if location[0] == "group" else None
+        return (base is not None and base.tensor is not None and base.tensor.is_meta and not base.buffers
+                and bool(base.slots))
+
+    def _view_of_placed(self, group: _Group) -> bool:
+        """Make ``group`` a view of its base's placed value; True if done, or if the base has no value
+        (then it is named with its base); False if it is to be filled on its own (its base is laid
+        out afresh, or derived from parameters later)."""
+        assert group.view is not None
+        location, size, stride, offset = group.view
+        planned = self.groups[location[1]]
+        base = planned.slots[0].read()
+        if base is None or base.is_meta:
+            return planned.derived is None
+        assert planned.tensor is not None
+        if base.stride() != planned.tensor.stride():
+            return False
+        view = base.as_strided(size, stride, base.storage_offset() + offset)
+        for slot in group.slots:
+            slot.write(view)
+        return True
 
     def _view_target(self, group: _Group, targets: dict[Any, torch.Tensor | None]) -> torch.Tensor | None:
         assert group.view is not None
@@ -452,6 +546,9 @@ class Materialisation:
             base = location[1]._parameters.get(location[2])
         else:
             base = targets.get(location[1])
+            planned = self.groups[location[1]].tensor if location[1] in self.groups else None
+            if base is not None and planned is not None and base.stride() != planned.stride():
+                return None  # laid out afresh: filled on its own
         if base is None or base.is_meta:
             return None
         try:
@@ -464,10 +561,10 @@ class Materialisation:
         if target.is_meta:
             return  # still on meta (e.g. to_empty(device="meta")): nothing to fill
         try:
-            target.copy_(value)
+            _copy(target, value)
             _unfilled.pop(target, None)
         except RuntimeError:
-            # An expanded target (stride 0) cannot be written element-wise: swap the tensor.
+            # An expanded target (stride 0) that cannot take the value: swap the tensor.
             _unfilled.pop(target, None)
             replacement = value.to(device=target.device, dtype=target.dtype, copy=True)
             for slot in group.slots:
@@ -504,6 +601,19 @@ class Materialisation:
         return found
 
 
+def _copy(target: torch.Tensor, value: torch.Tensor) -> None:
+    """``target.copy_(value)``; an expanded ``target`` (stride 0) takes it in its memory, if ``value`` is
+    expanded as it is.  Raises RuntimeError if it cannot."""
+    memory = slots.dense(target)
+    if memory is target:
+        target.copy_(value)
+        return
+    part = value[tuple(slice(0, 1) if stride == 0 else slice(None) for stride in target.stride())]
+    if not torch.equal(part.expand_as(value), value):
+        raise RuntimeError("the value is not expanded as its target is")
+    memory.copy_(part)
+
+
 def _device_of(module: torch.nn.Module) -> torch.device:
     """Where the module's materialised tensors are (for a buffer added to a module that had none)."""
     for tensor in (*module.parameters(), *module.buffers()):
@@ -514,9 +624,17 @@ def _device_of(module: torch.nn.Module) -> torch.device:
 
 # --------------------------------------------------------------------------- when loading ends
 
-# Values not recovered at materialisation, whose verdict waits until loading ends: (Recovery, its
-# slots with what each held then, the materialised tensor, that tensor's version then).
-_unsettled: list[tuple[Recovery, list[tuple[Slot, torch.Tensor | None]], torch.Tensor | None, int]] = []
+class _Held(NamedTuple):
+    """A value not recovered at materialisation, whose verdict waits until loading ends."""
+
+    recovery: Recovery
+    slots: list[tuple[Slot, torch.Tensor | None]]  # its slots, with what each held then
+    target: torch.Tensor | None  # the materialised tensor
+    version: int  # that tensor's version then (minus the writes loading made since)
+    loaded_whole: bool  # a persistent buffer loading writes is this tensor, or a view of all of it
+
+
+_unsettled: list[_Held] = []
 _derived: list[tuple[Any, torch.nn.Module, str]] = []  # (hook, module, attribute) waiting for parameters
 
 
@@ -543,13 +661,30 @@ def settle() -> list[Recovery]:
             module.__dict__[name] = _derive(hook, module)
     held, _unsettled[:] = list(_unsettled), []
     failures = []
-    for recovery, held_slots, target, version in held:
+    for recovery, held_slots, target, version, _ in held:
         rewritten = (target is not None and not target.is_meta and recipes.raw_version(target) != version) or any(
             (current := slot.read()) is not then and current is not None and not current.is_meta
             for slot, then in held_slots)
         if not rewritten:
             failures.append(recovery)
     return failures
+
+
+@contextlib.contextmanager
+def loading() -> Iterator[None]:
+    """Around a checkpoint's loading: it writes persistent buffers, and one that is a view of part
+    of a value not recovered writes only that part, which does not make the value whole.  Such
+    writes are not counted as rewriting it (the model's own code rewriting it in place is)."""
+    before = {id(held): recipes.raw_version(held.target) for held in _unsettled
+              if held.target is not None and not held.loaded_whole}
+    try:
+        yield
+    finally:
+        for index, held in enumerate(_unsettled):
+            if id(held) in before:
+                assert held.target is not None
+                loaded = recipes.raw_version(held.target) - before[id(held)]
+                _unsettled[index] = held._replace(version=held.version + loaded)
 
 
 def unfilled_count() -> int:
@@ -567,6 +702,8 @@ def materialise_meta_buffers(model: torch.nn.Module, device: torch.device | str 
     if not plan.groups:
         return plan
     for group in plan.groups.values():
+        if group.view is not None and group.view[0][0] == "group" and group.view[0][1] not in plan.groups:
+            group.view = None  # its base is left alone: filled on its own
         if group.buffers and group.view is None:
             assert group.tensor is not None
             slot = group.buffers[0]

@@ -91,13 +91,47 @@ class Slot:
 
 
 def within(view: torch.Tensor, base: torch.Tensor) -> int | torch.SymInt | None:
-    """The offset of ``view``'s first element from ``base``'s, if every element of ``view`` is one of
-    ``base``'s contiguous span (so ``view`` can be made again from a new ``base``); else None."""
+    """The offset of ``view``'s first element from ``base``'s, if every element of ``view`` is in
+    ``base``'s memory, a contiguous span (``base`` contiguous, or expanded from a contiguous
+    tensor), so ``view`` can be made again from a new ``base`` laid out as ``base`` is; else None."""
     offset = view.storage_offset() - base.storage_offset()
-    if not base.is_contiguous() or offset < 0:
+    memory = dense(base)
+    if not memory.is_contiguous() or offset < 0:
         return None
     last = offset + sum((size - 1) * stride for size, stride in zip(view.shape, view.stride()) if size)
-    return offset if view.numel() == 0 or last < base.numel() else None
+    return offset if view.numel() == 0 or last < memory.numel() else None
+
+
+def views_again(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[int, torch.Tensor]:
+    """``pairs``: ``(original, copy)`` of tensors copied one by one (``copy.deepcopy`` gives each meta
+    tensor storage of its own).  Returns ``{id(copy): view}`` for each copy whose original is a view
+    of another original's memory (:func:`within`): the view made again of that one's copy, and
+    for that one's copy, if it was laid out afresh (expanded, copied contiguous), a meta tensor laid
+    out as its original.  Meta copies only: nothing is copied."""
+    bases: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(original storage) -> (original, copy)
+    made: dict[int, torch.Tensor] = {}
+    for original, copy in sorted(pairs, key=lambda pair: pair[0]._base is not None):
+        storage = original.untyped_storage()
+        base = bases.setdefault(id(storage), (original, copy))
+        if base[0] is original or copy.untyped_storage() is base[1].untyped_storage():
+            continue  # the first of its storage, or copied as a view already
+        offset = within(original, base[0])
+        if offset is None:
+            continue
+        if base[1].stride() != base[0].stride():  # copied laid out afresh (an expanded one): as it was, on meta
+            relaid = torch.empty_strided(base[0].shape, base[0].stride(), dtype=base[1].dtype, device="meta")
+            made[id(base[1])] = relaid
+            base = bases[id(storage)] = (base[0], relaid)
+        made[id(copy)] = base[1].as_strided(original.shape, original.stride(), base[1].storage_offset() + offset)
+    return made
+
+
+def dense(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` without its expanded dimensions (stride 0, narrowed to one element): its memory,
+    each element once.  ``tensor`` itself if it has none."""
+    if 0 not in tensor.stride():
+        return tensor
+    return tensor[tuple(slice(0, 1) if stride == 0 else slice(None) for stride in tensor.stride())]
 
 
 # --------------------------------------------------------------------------- tensors in containers

@@ -1,0 +1,139 @@
+"""Views, aliases and storage sharing, each in plain torch: after a flow every tensor is bit-identical to
+a normal build (value, dtype, device, and storage shared with the same tensors), or a warning names it
+with a true reason (see test_seams.assert_exact_or_named)."""
+import copy
+import functools
+import warnings
+
+import pytest
+import torch
+from test_seams import BUILT_ON_META, assert_exact_or_named, recoveries_named, run_flow, seeded
+from torch import nn
+
+import bufferfix  # noqa: F401
+from bufferfix import Reason
+from bufferfix.flows import FLOWS
+
+
+class LoadsPartOfARandomTable(nn.Module):
+    """A random table no source can give, and a persistent buffer that is a view of its first row:
+    loading writes that row, not the rest."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(2, 2)
+        self.register_buffer("table", torch.rand(3, 2), persistent=False)
+        self.register_buffer("first", self.table[:1], persistent=True)
+
+
+def test_a_persistent_view_loaded_does_not_make_its_base_whole():
+    for flow in BUILT_ON_META:
+        reference = seeded(LoadsPartOfARandomTable)()
+        model, caught = run_flow(flow, seeded(LoadsPartOfARandomTable), reference.state_dict())
+        named = assert_exact_or_named(model, reference, caught, {Reason.RANDOM})
+        assert named == {"table": Reason.RANDOM}, flow
+        assert torch.equal(model.first, reference.first)
+        assert model.first.data_ptr() == model.table.data_ptr()
+    # The model's own code rewriting the whole table before loading leaves nothing to report.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.device("meta"):
+            model = seeded(LoadsPartOfARandomTable)()
+        model.to_empty(device="cpu")
+        model.table.copy_(reference.table)
+        model.load_state_dict(reference.state_dict())
+    assert recoveries_named(caught) == []
+    assert_exact_or_named(model, reference, caught)
+
+
+class SlicesAnAttribute(nn.Module):
+    """A plain tensor attribute and a plain attribute that is a slice of it."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(2, 2)
+        self.table = torch.arange(6.0).reshape(3, 2) * 2
+        self.first = self.table[1:]
+
+
+def test_a_slice_of_a_plain_attribute_is_a_view_of_it_again():
+    for flow in BUILT_ON_META:
+        reference = seeded(SlicesAnAttribute)()
+        model, caught = run_flow(flow, seeded(SlicesAnAttribute), reference.state_dict())
+        assert assert_exact_or_named(model, reference, caught) == {}, flow
+        assert model.first._base is model.table or model.first.untyped_storage().data_ptr() == \
+            model.table.untyped_storage().data_ptr(), flow
+
+
+class SlicesAnExpandedTable(nn.Module):
+    """An expanded table (stride 0 along its last dimension) and a slice of it, as buffers or as plain
+    attributes."""
+
+    def __init__(self, buffers=True):
+        super().__init__()
+        self.linear = nn.Linear(2, 2)
+        table = (torch.arange(3.0)[:, None] * 2 + 1).expand(3, 4)
+        for name, tensor in (("table", table), ("rest", table[1:])):
+            if buffers:
+                self.register_buffer(name, tensor, persistent=False)
+            else:
+                setattr(self, name, tensor)
+
+
+@pytest.mark.parametrize("buffers", [True, False])
+@pytest.mark.parametrize("flow", list(FLOWS))
+def test_a_slice_of_an_expanded_tensor_is_a_view_of_it_again(flow, buffers):
+    build = functools.partial(SlicesAnExpandedTable, buffers)
+    reference = seeded(build)()
+    model, caught = run_flow(flow, seeded(build), reference.state_dict())
+    assert assert_exact_or_named(model, reference, caught) == {}
+    assert model.table.stride() == (1, 0) and model.rest.storage_offset() == 1
+
+
+class SlicedTable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(2, 2)
+        self.register_buffer("table", torch.arange(6.0).reshape(3, 2) * 2, persistent=False)
+        self.register_buffer("rest", self.table[1:], persistent=False)
+        self.first = self.table[0]
+
+
+class HoldsADeepCopy(nn.Module):
+    """A child kept as a ``copy.deepcopy`` (of meta tensors, under a meta build: each copied to storage of its own)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = copy.deepcopy(SlicedTable())
+
+
+@pytest.mark.parametrize("flow", list(FLOWS))
+def test_views_in_a_deep_copied_module_are_views_again(flow):
+    reference = seeded(HoldsADeepCopy)()
+    model, caught = run_flow(flow, seeded(HoldsADeepCopy), reference.state_dict())
+    assert assert_exact_or_named(model, reference, caught) == {}
+
+
+class ReplacesItsTable(nn.Module):
+    """Views of a table that user code then replaces: no slot holds the tensor they are views of."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(2, 2)
+        self.register_buffer("table", torch.arange(6.0).reshape(3, 2) * 2, persistent=False)
+        self.register_buffer("rest", self.table[1:], persistent=False)
+        self.first = self.table[0]
+
+
+def replaced_table():
+    model = ReplacesItsTable()
+    model.table = torch.full_like(model.table, 7)
+    return model
+
+
+@pytest.mark.parametrize("flow", [flow for flow in FLOWS if flow != ".to('meta')"])
+def test_views_of_a_replaced_tensor_share_its_memory_again(flow):
+    reference = seeded(replaced_table)()
+    model, caught = run_flow(flow, seeded(replaced_table), reference.state_dict())
+    named = assert_exact_or_named(model, reference, caught, {Reason.REPLACED})
+    assert set(named) <= {"table"}
