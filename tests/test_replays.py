@@ -131,3 +131,29 @@ def test_random_values_in_a_container_or_on_a_child_under_init_empty_weights_are
         loading_ends()
         assert assert_exact_or_named(model, reference, caught, allowed_reasons={Reason.RANDOM}) == {
             "child.noise[0]": Reason.RANDOM, "child.jitter": Reason.RANDOM}, flow
+
+
+class NoisyLeaf(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("noise", torch.rand(3), persistent=False)
+
+
+class RootWithItsOwnNew(nn.Module):
+    """A class with a __new__ of its own is never recorded."""
+
+    def __new__(cls, *args, **kwargs):
+        return super().__new__(cls)
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(3))
+        self.leaf = NoisyLeaf()
+
+
+def test_per_module_materialisation_names_a_tensor_by_its_path_below_an_unrecorded_root():
+    reference = seeded(RootWithItsOwnNew)()
+    model, caught = run_flow("to_empty(recurse=False)", seeded(RootWithItsOwnNew), reference.state_dict())
+    loading_ends()
+    assert assert_exact_or_named(model, reference, caught, allowed_reasons={Reason.RANDOM}) == {
+        "leaf.noise": Reason.RANDOM}

@@ -370,6 +370,7 @@ def follow_tensor_copy(original: torch.Tensor, copy: torch.Tensor) -> None:
 # module -> {attribute: (value, a copy of its entries if a list or dict)}, as the module held them when
 # its constructor returned (first registered into a parent): see module_registered.
 _left = compat.WeakIdKeyDictionary()
+_unrecorded_parents = compat.WeakIdKeyDictionary()  # module of a class never recorded, holding modules -> True
 UNKNOWN = object()  # what left_by_constructor gives where no note says
 
 
@@ -381,6 +382,8 @@ def module_registered(parent: nn.Module, name: str, child: nn.Module | None) -> 
     parent may change it after).  Returns None (the module is kept)."""
     if child is None or not (_recorded or recipes.replays_running):
         return None
+    if unrecordable(type(parent)) and parent not in _unrecorded_parents:
+        _note_unrecorded_parent(parent)
     entry = _recorded.get(id(child))
     if ((entry is None or entry[0]() is not child) and not unrecordable(type(child))
             and not (recipes.replays_running and recipes.thread_state.replaying)):
@@ -403,6 +406,14 @@ def module_registered(parent: nn.Module, name: str, child: nn.Module | None) -> 
     except Exception:
         logger.exception("bufferfix: could not note the tensors of %s", type(child).__qualname__)
     return None
+
+
+def _note_unrecorded_parent(parent: nn.Module) -> None:
+    """A module of a class never recorded holds modules: the module tree (:func:`owners`) starts
+    from it too, so that what is below it is named by its path from it."""
+    global _parent_index
+    _unrecorded_parents[parent] = True
+    _parent_index = None
 
 
 def left_by_constructor(module: nn.Module, name: str, steps: tuple[tuple[str, Any], ...]) -> Any:
@@ -539,7 +550,7 @@ def ancestors(module: nn.Module) -> Iterator[nn.Module]:
 
 def _parent_of(module: nn.Module) -> tuple[nn.Module, str] | None:
     """``(parent, attribute)`` if ``module`` is a child of a module built on meta (or of a container
-    in one), else None.
+    in one, or of a module of a class never recorded), else None.
 
     Asked only when a module's own recipe is not enough or a module is materialised alone, so
     the child -> parent index is built then, over every recorded module, and kept until the next
@@ -551,7 +562,7 @@ def _parent_of(module: nn.Module) -> tuple[nn.Module, str] | None:
         # Every module reachable from a recorded one: torch.nn's leaf classes are not recorded.
         index = {}
         visited: set[int] = set()
-        pending = [entry[0]() for entry in list(_recorded.values())]
+        pending = [entry[0]() for entry in list(_recorded.values())] + list(_unrecorded_parents.keys())
         while pending:
             parent = pending.pop()
             if parent is None or id(parent) in visited:
