@@ -388,24 +388,40 @@ def module_registered(parent: nn.Module, name: str, child: nn.Module | None) -> 
     if ((entry is None or entry[0]() is not child) and not unrecordable(type(child))
             and not (recipes.replays_running and recipes.thread_state.replaying)):
         return None
-    if child in _left:
-        return None
     try:
         attributes = vars(child)
         noted: dict[str, tuple[Any, list[Any] | dict[Any, Any] | None]] = {}
+        kinds = _note_kinds
         for attribute in attributes.keys() - _MODULE_STATE:
             value = attributes[attribute]
-            kind = type(value)
-            if issubclass(kind, torch.Tensor) or issubclass(kind, tuple):
+            kind = kinds.get(type(value))
+            if kind is None:
+                kind = _note_kind(type(value))
+            if kind == _AS_IT_IS:
                 noted[attribute] = (value, None)
-            elif issubclass(kind, list):
+            elif kind == _LIST:
                 noted[attribute] = (value, list(value))
-            elif issubclass(kind, dict):
+            elif kind == _DICT:
                 noted[attribute] = (value, dict(value))
-        _left[child] = noted
+        # Nothing to note (most modules): nothing is kept, and a tensor found there later is not
+        # known to be another than the constructor's (an ancestor's replay may have it).
+        if noted and child not in _left:
+            _left[child] = noted
     except Exception:
         logger.exception("bufferfix: could not note the tensors of %s", type(child).__qualname__)
     return None
+
+
+_SKIP, _AS_IT_IS, _LIST, _DICT = range(4)  # what module_registered keeps of an attribute, by its type
+_note_kinds: dict[type, int] = {}
+
+
+def _note_kind(kind: type) -> int:
+    found = (_AS_IT_IS if issubclass(kind, (torch.Tensor, tuple)) else _LIST if issubclass(kind, list)
+             else _DICT if issubclass(kind, dict) else _SKIP)
+    if len(_note_kinds) < 10000:  # classes made on the fly: do not keep them all
+        _note_kinds[kind] = found
+    return found
 
 
 def _note_unrecorded_parent(parent: nn.Module) -> None:
