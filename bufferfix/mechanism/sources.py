@@ -13,7 +13,9 @@ goes through the same steps, in this order:
 
 A replay is used only where it is the constructor's call as it was: a value the replay draws from
 the random number generator, a tensor changed in place after its constructor returned, and a
-tensor put there by code outside any constructor are named, never replayed.  Each way that fails
+tensor put there by code outside any constructor (a plain or container attribute holding another
+tensor than its module's constructor left, unless an ancestor's constructor put it there) are
+named, never replayed.  Each way that fails
 leaves an :class:`~bufferfix.recovery.Attempt` saying why, as a value.  (Attributes derived from
 parameters get their values later, once the parameters hold values: see :mod:`.restore`.)
 """
