@@ -394,12 +394,12 @@ class _Draws(compat.TorchFunctionMode):
         self.storages: dict[int, Any] = {}
 
     def __contains__(self, tensor: torch.Tensor) -> bool:
-        pointer = tensor.untyped_storage().data_ptr() if not tensor.is_meta else 0
-        return pointer in self.storages if pointer else tensor in self.drawn
+        storage = _storage(tensor)
+        return storage.data_ptr() in self.storages if storage is not None else tensor in self.drawn
 
     def _mark(self, tensor: torch.Tensor) -> None:
-        storage = tensor.untyped_storage() if not tensor.is_meta else None
-        if storage is not None and storage.data_ptr():
+        storage = _storage(tensor)
+        if storage is not None:
             self.storages[storage.data_ptr()] = storage
         else:
             self.drawn[tensor] = True
@@ -427,6 +427,17 @@ class _Draws(compat.TorchFunctionMode):
                 if tensor._base is not None:  # a meta view written: its base holds the draw too
                     self._mark(tensor._base)
         return result
+
+
+def _storage(tensor: torch.Tensor) -> Any:
+    """The tensor's memory, if it has any (not meta, not sparse, not empty)."""
+    if tensor.is_meta:
+        return None
+    try:
+        storage = tensor.untyped_storage()
+    except (RuntimeError, NotImplementedError):  # sparse, nested, or a subclass without one
+        return None
+    return storage if storage.data_ptr() else None
 
 
 def _tensors(values: Iterable[Any]) -> Iterator[torch.Tensor]:
