@@ -866,6 +866,16 @@ def _random(context):
                for slot in (context.slot, context.base))
 
 
+def _unrecorded_chain(context):
+    """Are the slot's node and all its ancestors of a class with its own ``__new__`` (never recorded)?"""
+    spec = context.tree.root
+    chain = [spec]
+    for index in context.path:
+        spec = spec.children[index].node
+        chain.append(spec)
+    return all(node.cls == "own_new" for node in chain)
+
+
 def _in_place(context):
     """Is the slot's storage written in place after construction (by itself, or through its base)?"""
     return context.change == "in_place" or (context.base is not None and context.base.change == "in_place")
@@ -891,26 +901,20 @@ KNOWN_GAPS = (
     Gap("G6", lambda c: c.base is not None and "persistent" in (c.kind, c.base.kind) and c.flow == ASSIGN, "view"),
     # G11: a module-level dict changed after the build: the replay reads the new value (an accepted limit)
     Gap("G11", lambda c: c.source == "settings" and "settings" in c.changed_arguments, "source"),
-    # G12: init_empty_weights skips nn.Linear's init draws: a later torch.rand is real and different; held in a
-    # container, put by a parent on its child, or written in place after construction, it is kept, not named
-    Gap("G12", lambda c: c.random and c.flow == ACCELERATE and draws_on_parameters(c.tree)
-        and (c.kind in CONTAINERS + ("on_child",) or c.change == "in_place" or c.cls == "own_new" or c.copied),
-        "random"),
-    # G13: a plain attribute or container tensor replaced on meta gets the constructor's value (a buffer is named);
-    # under init_empty_weights a random buffer replaced by user code (real, right) is named RANDOM
-    Gap("G13", lambda c: c.change in ("replaced", "resized") and (
-        (c.kind not in BUFFERS and (_born_on_meta(c) or (c.flow == ACCELERATE and _random(c))))
-        or (c.kind in BUFFERS and c.flow == ACCELERATE and _random(c))), "change"),
-    # G16: to_empty(recurse=False) names a tensor by its path below the outermost recorded module: a root with
-    # its own __new__ is not recorded, so "c0.s0" is named "s0"
-    Gap("G16", lambda c: c.flow == PER_MODULE and c.slot is None and c.path == () and c.cls == "own_new", "cls"),
-    # G18: a replay runs the constructor's side effects again: a constructor that changes a module-level
-    # dict or appends to a list it was given changes them for everything read (or replayed) after it
-    Gap("G18", lambda c: c.slot is None and any(child.then in ("set_settings", "append_dims") for child in c.children),
-        "then"),
-    # G19: randomness is told by two replays from two seeds: a random bool or integer tensor that comes out
-    # the same twice is taken for deterministic, and replayed
-    Gap("G19", lambda c: _random(c) and c.view == "none" and c.value in ("bool", "int64"), "value"),
+    # G12: init_empty_weights skips nn.Linear's init draws: a later torch.rand is real and different; it is kept,
+    # not named, in a module of a class with its own __new__ below no recorded module (no constructor can be
+    # replayed to tell that it was drawn), and as a plain or container attribute of the model's root written in
+    # place (nothing tells that its constructor made it: see G13)
+    Gap("G12", lambda c: c.random and c.flow == ACCELERATE and draws_on_parameters(c.tree) and (
+        _unrecorded_chain(c) or (c.path == () and c.kind not in BUFFERS and c.change == "in_place")), "random"),
+    # G13: a plain attribute or container tensor of the model's root replaced on meta gets the constructor's value
+    # (no event marks the end of the root's constructor: a module's is marked when it is registered into its
+    # parent); under init_empty_weights a random one replaced by user code (real, right) is named RANDOM
+    Gap("G13", lambda c: c.change in ("replaced", "resized") and c.path == () and c.kind not in BUFFERS and (
+        _born_on_meta(c) or (c.flow == ACCELERATE and _random(c))), "change"),
+    # G18: a replay runs the constructor's side effects again: a constructor that changes a module-level dict
+    # changes it again at each replay (an argument it changes is given to the replay as a copy)
+    Gap("G18", lambda c: c.slot is None and any(child.then == "set_settings" for child in c.children), "then"),
     # G20: to_empty(recurse=False): one storage held by two modules (a buffer a parent put on its child that is a
     # view of, or the same tensor as, the parent's attribute or persistent buffer; a child's tensor the parent
     # registered too) is two after

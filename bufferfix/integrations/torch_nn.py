@@ -71,8 +71,22 @@ def _to(wrapped: Wrapped, instance: nn.Module, args: WrapperArgs, kwargs: Wrappe
     except Exception:  # noqa: BLE001 - let the real call report bad arguments
         device = None
     if not INTEGRATION.active or device is None or device.type != "meta":
-        return wrapped(*args, **kwargs)
+        return _moving(wrapped, instance, args, kwargs)
     return _moving_to_meta(wrapped, instance, args, kwargs)
+
+
+def _moving(wrapped: Wrapped, instance: nn.Module, args: WrapperArgs, kwargs: WrapperKwargs) -> Any:
+    """A module whose own ``_apply`` reassigns its plain tensor attributes: what its constructor
+    left there stays known as its constructor's after the move (see recording.follow_move)."""
+    from ..mechanism import recording
+
+    if not INTEGRATION.active or not recording.any_left():
+        return wrapped(*args, **kwargs)
+    held = contained(lambda: recording.tensors_left(instance), "following a move")
+    result = wrapped(*args, **kwargs)
+    if held:
+        contained(lambda: recording.follow_move(held), "following a move")
+    return result
 
 
 def _load_state_dict(wrapped: Wrapped, instance: nn.Module, args: WrapperArgs, kwargs: WrapperKwargs) -> Any:
@@ -262,6 +276,7 @@ class TorchNN(Integration):
         super().__init__()
         self.unrecorded_classes: frozenset[type[nn.Module]] = frozenset()  # see recording.torch_nn_own_classes
         self._buffer_hook: torch.utils.hooks.RemovableHandle | None = None  # see recording.buffer_registered
+        self._module_hook: torch.utils.hooks.RemovableHandle | None = None  # see recording.module_registered
 
     declarations = (
         Wrap("torch.nn", "Module.to_empty", _to_empty),
@@ -298,6 +313,8 @@ class TorchNN(Integration):
         recording.device_context_made()
         self._buffer_hook = nn.modules.module.register_module_buffer_registration_hook(
             recording.buffer_registered)
+        self._module_hook = nn.modules.module.register_module_module_registration_hook(
+            recording.module_registered)
 
     def _uninstrument(self) -> None:
         from torch import nn
@@ -307,6 +324,9 @@ class TorchNN(Integration):
         if self._buffer_hook is not None:
             self._buffer_hook.remove()
             self._buffer_hook = None
+        if self._module_hook is not None:
+            self._module_hook.remove()
+            self._module_hook = None
         hook: Any = nn.Module.__dict__.get("__new__")  # ours (a staticmethod), or whatever another library put
         if recording.is_constructor_hook(hook):
             hook.__func__.hooked_classes.clear()  # its fast path: a class in there is recorded at once

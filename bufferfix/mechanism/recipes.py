@@ -376,7 +376,80 @@ def _isolated(default_dtype: torch.dtype, device: str = "cpu") -> Iterator[None]
                 _take_parameters_off_meta()
 
 
-def _construct(recipe: Recipe, seed: int, real_parameters: bool = False) -> tuple[nn.Module, bool]:
+class _Draws(compat.TorchFunctionMode):
+    """While a replay runs: the tensors holding values drawn from the default generator, or computed
+    from such values (written in place by them too).  Only draws that depend on the seed count:
+    the generator's state before each draw is compared with the one before the same draw in a
+    build from another seed (``reference``, that build's :attr:`states`), so a draw after the
+    constructor seeded the generator itself is not one.  Unlike a comparison of values, this tells
+    a random bool or integer tensor that comes out the same from both seeds."""
+
+    def __init__(self, reference: list[torch.Tensor] | None = None) -> None:
+        super().__init__()
+        self.reference = reference
+        self.states: list[torch.Tensor] = []  # the generator's state before each draw, in order
+        # Tensors without memory (meta) by identity; others by their memory, which views and a
+        # Parameter made of the tensor share: data pointer -> the storage (held, so none is reused).
+        self.drawn = compat.WeakIdKeyDictionary()
+        self.storages: dict[int, Any] = {}
+
+    def __contains__(self, tensor: torch.Tensor) -> bool:
+        storage = _storage(tensor)
+        return storage.data_ptr() in self.storages if storage is not None else tensor in self.drawn
+
+    def _mark(self, tensor: torch.Tensor) -> None:
+        storage = _storage(tensor)
+        if storage is not None:
+            self.storages[storage.data_ptr()] = storage
+        else:
+            self.drawn[tensor] = True
+
+    def __torch_function__(self, func: Any, types: Iterable[type], args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
+        before = torch.default_generator.get_state()
+        result = func(*args, **kwargs)
+        drawn = False
+        if not torch.equal(before, torch.default_generator.get_state()):
+            index = len(self.states)
+            self.states.append(before)
+            reference = self.reference
+            drawn = reference is None or index >= len(reference) or not torch.equal(before, reference[index])
+        inputs = list(_tensors((*args, *kwargs.values())))
+        if not drawn and (self.drawn or self.storages):
+            drawn = any(tensor in self for tensor in inputs)
+        if drawn:
+            name = getattr(func, "__name__", "")
+            written = inputs[:1] if name == "__setitem__" or "out" in kwargs or (
+                name.endswith("_") and not name.startswith("_")) else []
+            for tensor in (*_tensors((result,)), *written):
+                self._mark(tensor)
+                if tensor._base is not None:  # a meta view written: its base holds the draw too
+                    self._mark(tensor._base)
+        return result
+
+
+def _storage(tensor: torch.Tensor) -> Any:
+    """The tensor's memory, if it has any (not meta, not sparse, not empty)."""
+    if tensor.is_meta:
+        return None
+    try:
+        storage = tensor.untyped_storage()
+    except (RuntimeError, NotImplementedError):  # sparse, nested, or a subclass without one
+        return None
+    return storage if storage.data_ptr() else None
+
+
+def _tensors(values: Iterable[Any]) -> Iterator[torch.Tensor]:
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, (list, tuple)):
+            yield from (item for item in value if isinstance(item, torch.Tensor))
+
+
+def _construct(recipe: Recipe, seed: int, real_parameters: bool = False,
+               draws: _Draws | None = None) -> tuple[nn.Module, bool]:
     previous = _local.real_parameters
     _local.real_parameters = real_parameters
     try:
@@ -384,7 +457,8 @@ def _construct(recipe: Recipe, seed: int, real_parameters: bool = False) -> tupl
             torch.default_generator.manual_seed(seed)  # torch.manual_seed goes through dynamo: ~0.2 ms
             before = torch.get_rng_state()
             args, kwargs = recipe.arguments_as_recorded()
-            module = recipe.cls(*args, **kwargs)
+            with draws if draws is not None else contextlib.nullcontext():
+                module = recipe.cls(*args, **kwargs)
             drew_random = not torch.equal(before, torch.get_rng_state())
     finally:
         _local.real_parameters = previous
@@ -433,12 +507,13 @@ def version_at_construction(recipe: Recipe, path: str, slot: Slot) -> int | None
 class Replayed:
     """A replay: ``module``, a fresh CPU build, and when its constructor used the random number
     generator, ``others``: builds from another seed, and with real parameters (whose
-    initialisation draws from the generator in a normal build and not in a replay)."""
+    initialisation draws from the generator in a normal build and not in a replay), and
+    ``drawn``: what the first of them holds that came from the generator (a :class:`_Draws`)."""
 
-    __slots__ = ("module", "others")
+    __slots__ = ("module", "others", "drawn")
 
-    def __init__(self, module: nn.Module, others: tuple[nn.Module, ...] = ()) -> None:
-        self.module, self.others = module, others
+    def __init__(self, module: nn.Module, others: tuple[nn.Module, ...] = (), drawn: Any = None) -> None:
+        self.module, self.others, self.drawn = module, others, drawn
 
     def randomised(self, path: str, slot: Slot) -> bool:
         """Does the value at ``slot`` of the module at ``path`` depend on the random number generator?"""
@@ -447,6 +522,9 @@ class Replayed:
         value = _read(self.module, path, slot)
         if value is None or value.is_meta:
             return False
+        drawn = _read(self.others[0], path, slot)
+        if self.drawn is not None and drawn is not None and drawn in self.drawn:
+            return True
         for other in self.others:
             again = _read(other, path, slot)
             if again is None or again.is_meta or again.shape != value.shape or not torch.equal(again, value):
@@ -490,12 +568,18 @@ def _replay_uncached(recipe: Recipe, real_parameters: bool = False) -> Replayed 
     try:
         module, drew_random = _construct(recipe, seed=0, real_parameters=real_parameters)
         others: tuple[nn.Module, ...] = ()
+        draws = None
         if drew_random:
-            # The constructor used the RNG: a value that differs in a build from another seed, or in
-            # one whose parameter initialisation draws as a normal build's does, came from it.
-            others = (_construct(recipe, seed=1, real_parameters=real_parameters)[0],)
+            # The constructor used the RNG: a value computed from a draw that depends on the seed,
+            # or that differs in a build whose parameter initialisation draws as a normal build's
+            # does, came from it.
+            reference = _Draws()
+            _construct(recipe, seed=0, real_parameters=real_parameters, draws=reference)
+            draws = _Draws(reference.states)
+            others = (_construct(recipe, seed=1, real_parameters=real_parameters, draws=draws)[0],)
+            draws.states = draws.reference = []  # the marks are what is kept
             if not real_parameters:
                 others += (_construct(recipe, seed=0, real_parameters=True)[0],)
     except Exception as error:  # noqa: BLE001 - any failure of user code is reported, not raised
         return ReplayError(Reason.REPLAY_RAISED, "%s: %s" % (type(error).__name__, error))
-    return Replayed(module, others)
+    return Replayed(module, others, draws)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from . import compat, recipes, signatures, snapshots
+from .slots import _MODULE_INTERNALS as _MODULE_STATE
 
 # The raw construction the hook keeps: (weakref to the module, class, args, kwargs or None, default dtype,
 # argument states: see recipes.argument_states).  The arguments are whatever the constructor takes.
@@ -319,8 +320,12 @@ def buffer_registered(module: nn.Module, name: str, tensor: torch.Tensor | None)
       the same value converted, so what was noted of the one it replaces;
     * anywhere else: user code set it after construction, which no replay can give.
 
-    Only meta tensors are looked at (real ones keep their value); returns None (the tensor is kept)."""
-    if tensor is None or not tensor.is_meta or (recipes.replays_running and recipes.thread_state.replaying):
+    Only meta tensors, and real ones in a module built with its parameters on meta
+    (``init_empty_weights()``: a real value its constructor drew at random is not a normal build's,
+    one that user code put there is) are looked at; returns None (the tensor is kept)."""
+    if tensor is None or (recipes.replays_running and recipes.thread_state.replaying):
+        return None
+    if not tensor.is_meta and not was_recorded(module):
         return None
     try:
         frame: types.FrameType | None = sys._getframe(1)
@@ -344,7 +349,7 @@ def buffer_registered(module: nn.Module, name: str, tensor: torch.Tensor | None)
 
 
 def set_outside_construction(tensor: torch.Tensor) -> bool:
-    """Was the meta tensor put into its buffer slot by code outside any constructor?"""
+    """Was the tensor put into its buffer slot by code outside any constructor?"""
     return tensor in _registered and _registered[tensor] is None
 
 
@@ -396,6 +401,116 @@ def follow_moved_attributes() -> None:
             now = vars(module).get(name)
             if isinstance(now, torch.Tensor) and now is not before and now.is_meta and now.shape == before.shape:
                 follow_tensor(before, now)
+
+
+# --------------------------------------------------------------------------- what a constructor left
+
+# module -> {attribute: (value, a copy of its entries if a list or dict)}, as the module held them when
+# its constructor returned (first registered into a parent): see module_registered.
+_left = compat.WeakIdKeyDictionary()
+_unrecorded_parents = compat.WeakIdKeyDictionary()  # module of a class never recorded, holding modules -> True
+UNKNOWN = object()  # what left_by_constructor gives where no note says
+
+
+def module_registered(parent: nn.Module, name: str, child: nn.Module | None) -> None:
+    """A global module-registration hook: a module built on meta (recorded, or of a class never
+    recorded) or by a replay, registered into a parent, has returned from its constructor, so the
+    tensors it holds now in plain attributes and in list, tuple and dict attributes are the ones
+    its constructor left (see :func:`left_by_constructor`).  Only its first registration counts (a
+    parent may change it after).  Returns None (the module is kept)."""
+    if child is None or not (_recorded or recipes.replays_running):
+        return None
+    if unrecordable(type(parent)) and parent not in _unrecorded_parents:
+        _note_unrecorded_parent(parent)
+    entry = _recorded.get(id(child))
+    if ((entry is None or entry[0]() is not child) and not unrecordable(type(child))
+            and not (recipes.replays_running and recipes.thread_state.replaying)):
+        return None
+    try:
+        attributes = vars(child)
+        noted: dict[str, tuple[Any, list[Any] | dict[Any, Any] | None]] = {}
+        kinds = _note_kinds
+        for attribute in attributes.keys() - _MODULE_STATE:
+            value = attributes[attribute]
+            kind = kinds.get(type(value))
+            if kind is None:
+                kind = _note_kind(type(value))
+            if kind == _AS_IT_IS:
+                noted[attribute] = (value, None)
+            elif kind == _LIST:
+                noted[attribute] = (value, list(value))
+            elif kind == _DICT:
+                noted[attribute] = (value, dict(value))
+        # Nothing to note (most modules): nothing is kept, and a tensor found there later is not
+        # known to be another than the constructor's (an ancestor's replay may have it).
+        if noted and child not in _left:
+            _left[child] = noted
+    except Exception:
+        logger.exception("bufferfix: could not note the tensors of %s", type(child).__qualname__)
+    return None
+
+
+_SKIP, _AS_IT_IS, _LIST, _DICT = range(4)  # what module_registered keeps of an attribute, by its type
+_note_kinds: dict[type, int] = {}
+
+
+def _note_kind(kind: type) -> int:
+    found = (_AS_IT_IS if issubclass(kind, (torch.Tensor, tuple)) else _LIST if issubclass(kind, list)
+             else _DICT if issubclass(kind, dict) else _SKIP)
+    if len(_note_kinds) < 10000:  # classes made on the fly: do not keep them all
+        _note_kinds[kind] = found
+    return found
+
+
+def _note_unrecorded_parent(parent: nn.Module) -> None:
+    """A module of a class never recorded holds modules: the module tree (:func:`owners`) starts
+    from it too, so that what is below it is named by its path from it."""
+    global _parent_index
+    _unrecorded_parents[parent] = True
+    _parent_index = None
+
+
+def left_by_constructor(module: nn.Module, name: str, steps: tuple[tuple[str, Any], ...]) -> Any:
+    """The tensor ``module.<name><steps>`` held when the module's constructor returned, or
+    :data:`UNKNOWN` (a module never registered into a parent, such as a model's root, or a place
+    inside an object the note does not copy)."""
+    noted = _left.get(module)
+    if noted is None:
+        return UNKNOWN
+    value, entries = noted.get(name, (None, None))
+    for index, (kind, key) in enumerate(steps):
+        if index == 0 and entries is not None:  # a list or dict, as its entries were then
+            value = entries.get(key) if isinstance(entries, dict) else entries[key] if key < len(entries) else None
+        elif kind == "item" and isinstance(value, tuple):  # its entries cannot have changed
+            value = value[key] if key < len(value) else None
+        else:
+            return UNKNOWN  # inside a container or object the note holds no copy of
+    return value
+
+
+def any_left() -> bool:
+    return bool(_left)
+
+
+def tensors_left(root: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
+    """``(module, attribute, tensor)`` for each plain tensor attribute below ``root`` that still
+    holds the tensor its constructor left (see :func:`follow_move`)."""
+    found: list[tuple[nn.Module, str, torch.Tensor]] = []
+    for module in root.modules():
+        noted: dict[str, tuple[Any, Any]] = _left.get(module) or {}
+        for name, (value, _) in noted.items():
+            if vars(module).get(name) is value and isinstance(value, torch.Tensor):
+                found.append((module, name, value))
+    return found
+
+
+def follow_move(held: list[tuple[nn.Module, str, torch.Tensor]]) -> None:
+    """A move (``.to(torch.bfloat16)``) converted what :func:`tensors_left` found: a module whose
+    own ``_apply`` reassigns its plain tensor attributes holds the constructor's tensors converted."""
+    for module, name, before in held:
+        noted, now = _left.get(module), vars(module).get(name)
+        if noted is not None and now is not before and isinstance(now, torch.Tensor):
+            noted[name] = (now, None)
 
 
 # --------------------------------------------------------------------------- the side table
@@ -489,7 +604,7 @@ def ancestors(module: nn.Module) -> Iterator[nn.Module]:
 
 def _parent_of(module: nn.Module) -> tuple[nn.Module, str] | None:
     """``(parent, attribute)`` if ``module`` is a child of a module built on meta (or of a container
-    in one), else None.
+    in one, or of a module of a class never recorded), else None.
 
     Asked only when a module's own recipe is not enough or a module is materialised alone, so
     the child -> parent index is built then, over every recorded module, and kept until the next
@@ -501,7 +616,7 @@ def _parent_of(module: nn.Module) -> tuple[nn.Module, str] | None:
         # Every module reachable from a recorded one: torch.nn's leaf classes are not recorded.
         index = {}
         visited: set[int] = set()
-        pending = [entry[0]() for entry in list(_recorded.values())]
+        pending = [entry[0]() for entry in list(_recorded.values())] + list(_unrecorded_parents.keys())
         while pending:
             parent = pending.pop()
             if parent is None or id(parent) in visited:
@@ -541,12 +656,17 @@ def forget(module: nn.Module) -> None:
     name themselves."""
     # An entry under a live module's id is its own, or a dead module's whose id was reused: both go.
     _recorded.pop(id(module), None)
+    if _left:
+        _left.pop(module, None)
 
 
 def forget_all(modules: Iterable[nn.Module]) -> None:
     if _recorded:
         for module in modules:
             _recorded.pop(id(module), None)
+    if _left:
+        for module in modules:
+            _left.pop(module, None)
 
 
 def holds_meta_tensors(module: nn.Module) -> bool:

@@ -89,6 +89,10 @@ def _qualified(path: str, name: str) -> str:
 _NON_TENSOR_TYPES: set[type] = set()
 
 
+def _any_tensor(tensor: torch.Tensor) -> bool:
+    return True
+
+
 def _modules_in_order(root: torch.nn.Module) -> list[torch.nn.Module]:
     """``root.modules()`` (pre-order, each module once), without nested generators."""
     found: dict[int, torch.nn.Module] = {}
@@ -193,7 +197,8 @@ class Materialisation:
 
     def _plan_containers_and_absent_buffers(self) -> None:
         """Tensors in container attributes (only modules built on meta, or never recorded, can hold
-        them on meta) and the buffers an integration says a module's constructor registers only off
+        them on meta; a real one there may have been drawn at random with parameters on meta, as an
+        attribute may) and the buffers an integration says a module's constructor registers only off
         meta (``recompute.expect_buffers``)."""
         if not recording.has_any() and not any(recording.unrecordable(type(m)) for m in self.modules):
             return
@@ -201,7 +206,7 @@ class Materialisation:
         for module in self.modules:
             if not (recording.was_recorded(module) or recording.unrecordable(type(module))):
                 continue
-            for slot, tensor in slots.items(module, empty=empty):
+            for slot, tensor in slots.items(module, _any_tensor, empty=empty):
                 group = self._group(tensor)
                 group.slots.append(slot)
                 group.needs_value = True

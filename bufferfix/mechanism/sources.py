@@ -13,7 +13,9 @@ goes through the same steps, in this order:
 
 A replay is used only where it is the constructor's call as it was: a value the replay draws from
 the random number generator, a tensor changed in place after its constructor returned, and a
-tensor put there by code outside any constructor are named, never replayed.  Each way that fails
+tensor put there by code outside any constructor (a plain or container attribute holding another
+tensor than its module's constructor left, unless an ancestor's constructor put it there) are
+named, never replayed.  Each way that fails
 leaves an :class:`~bufferfix.recovery.Attempt` saying why, as a value.  (Attributes derived from
 parameters get their values later, once the parameters hold values: see :mod:`.restore`.)
 """
@@ -25,7 +27,7 @@ import torch
 
 from ..recovery import Attempt, Reason, Source
 from . import recipes, recompute, recording, snapshots
-from .slots import Slot
+from .slots import BUFFER, Slot
 
 
 @dataclasses.dataclass
@@ -50,20 +52,32 @@ def find(old: torch.Tensor | None, slots: list[Slot]) -> Found:
     replayable = old is None or not recording.set_outside_construction(old)
     if not replayable:  # a recompute function may still have it; no replay does
         attempts.append(Attempt(None, Reason.REPLACED, slots[0].label))
+    not_its_own = old is not None and _not_left_by_constructor(old, slots)
     for slot in slots:
-        found = _from_owners(slot, old, attempts, replayable)
+        found = _from_owners(slot, old, attempts, replayable, not_its_own)
         if found is not None:
             return found
     return Found(None, attempts=tuple(dict.fromkeys(attempts)) or (Attempt(None, Reason.NO_RECIPE),))
 
 
 def _kept(old: torch.Tensor, slots: list[Slot]) -> Found:
-    """A real value was kept: it stands, unless its constructor, run with parameters on meta
-    (``init_empty_weights()``), drew it from the random number generator and nothing wrote it since:
-    parameters made on meta draw nothing, so the stream was shifted and the value is not a normal
-    build's."""
+    """A real value was kept: it stands, unless the constructor that made it, run with parameters
+    on meta (``init_empty_weights()``), drew it from the random number generator: parameters
+    made on meta draw nothing, so the stream was shifted and the value is not a normal build's.
+    Written in place since, it stands only if no constructor is known to have made it (a tensor
+    ``to_empty`` made, which the user wrote): one a constructor drew still holds that draw, or part
+    of it.  A real tensor that user code put there stands."""
+    if recording.set_outside_construction(old) or _not_left_by_constructor(old, slots):
+        return Found(old, Source.KEPT)
+    start = recording.constructed_by(old)
+    drawn_by_constructor = start is not None or any(
+        slot.kind != BUFFER and recording.left_by_constructor(slot.module, slot.name, slot.steps) is old
+        for slot in slots)
     for slot in slots:
-        for owner, path in recording.owners(slot.module, ""):
+        owners = list(recording.owners(slot.module, ""))
+        # Put there by an ancestor's constructor after its child's returned: only that one's replay has it.
+        first = next((index for index, (owner, _) in enumerate(owners) if owner is start), 0)
+        for owner, path in owners[first:]:
             recipe = recording.recipe_of(owner)
             if recipe is None:
                 continue
@@ -72,18 +86,41 @@ def _kept(old: torch.Tensor, slots: list[Slot]) -> Found:
                 replayed = recipes.replay(recipe)
             except recipes.ReplayError:
                 return Found(old, Source.KEPT)
-            if replayed.randomised(path, slot) and not _changed_after_construction(old, recipe, path, slot):
+            holder = _submodule(replayed.module, path)
+            if holder is None or slot.read(holder) is None:
+                continue  # not made by this constructor: an ancestor's put it there
+            if replayed.randomised(path, slot) and (
+                    drawn_by_constructor or not _changed_after_construction(old, recipe, path, slot)):
                 return Found(None, attempts=(Attempt(recipe.origin, Reason.RANDOM),))
             return Found(old, Source.KEPT)
     return Found(old, Source.KEPT)
 
 
-def _from_owners(slot: Slot, old: torch.Tensor | None, attempts: list[Attempt], replayable: bool) -> Found | None:
+def _not_left_by_constructor(old: torch.Tensor, slots: list[Slot]) -> bool:
+    """Is ``old`` at none of ``slots`` where its module's constructor left a tensor, as far as
+    known (see :func:`~.recording.left_by_constructor`; buffers have their own note)?"""
+    known = False
+    for slot in slots:
+        if slot.kind == BUFFER:
+            return False
+        left = recording.left_by_constructor(slot.module, slot.name, slot.steps)
+        if left is old:
+            return False
+        known = known or left is not recording.UNKNOWN
+    return known
+
+
+def _from_owners(slot: Slot, old: torch.Tensor | None, attempts: list[Attempt], replayable: bool,
+                 not_its_own: bool = False) -> Found | None:
+    """``not_its_own``: ``old`` is not what the slot's module's constructor left there, so only the
+    replay of an ancestor whose constructor put another tensor there can have it."""
     tried = len(attempts)
     owners = [(owner, path.rstrip(".")) for owner, path in recording.owners(slot.module, "")]
     start = recording.constructed_by(old) if old is not None else None
     # Put there by an ancestor's constructor after its child's returned: only that one's replay has it.
     first_replay = next((index for index, (owner, _) in enumerate(owners) if owner is start), 0)
+    if not_its_own:
+        first_replay = max(first_replay, 1)
     for index, (owner, path) in enumerate(owners):
         relative = path + "." + slot.label if path else slot.label
         reason = recompute.declared_unrecoverable(type(owner), relative) if recompute.unrecoverable else None
@@ -107,6 +144,9 @@ def _from_owners(slot: Slot, old: torch.Tensor | None, attempts: list[Attempt], 
         value = slot.read(holder) if holder is not None else None
         if value is None:
             attempts.append(Attempt(recipe.origin, Reason.NOT_CREATED, relative))
+        elif not_its_own and holder is not None and recording.left_by_constructor(holder, slot.name, slot.steps) is value:
+            # the ancestor's constructor left it as the module's own did: user code replaced it
+            attempts.append(Attempt(None, Reason.REPLACED, slot.label))
         elif value.is_meta:
             attempts.append(Attempt(recipe.origin, Reason.ON_META))
         elif replayed.randomised(path, slot):
@@ -115,6 +155,8 @@ def _from_owners(slot: Slot, old: torch.Tensor | None, attempts: list[Attempt], 
             attempts.append(Attempt(recipe.origin, Reason.MODIFIED_IN_PLACE))
         else:
             return Found(value, Source.REPLAY, recipe.origin, replayed=holder)
+    if not_its_own and len(attempts) == tried:  # no ancestor's replay has it either
+        attempts.append(Attempt(None, Reason.REPLACED, slot.label))
     if len(attempts) == tried and replayable:
         attempts.append(Attempt(None, Reason.NO_RECIPE))
     return None
