@@ -217,3 +217,27 @@ def test_an_attribute_its_own_apply_moves_to_meta_is_snapshotted():
         model.load_state_dict(reference.state_dict())
         loading_ends()
     assert assert_exact_or_named(model, reference, caught) == {}
+
+
+class MovesItsExpandedTable(MovesItsTable):
+    def __init__(self):
+        super().__init__()
+        self.table = torch.arange(3.0).expand(2, 3)  # stride 0: a move lays it out afresh
+
+
+def test_an_expanded_attribute_its_own_apply_moves_to_meta_stays_an_attribute():
+    """The expanded attribute gets its old layout back after the move to meta, in its own slot: it
+    does not become a buffer (a state dict key the normal build lacks, which loading would miss)."""
+    build = seeded(MovesItsExpandedTable)
+    reference = build()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = build().to("meta")
+        assert "table" not in model._buffers
+        model.to_empty(device="cpu")
+        model.load_state_dict(reference.state_dict())
+        loading_ends()
+    assert not caught
+    # its values, dtype and device (a materialisation lays an expanded tensor out afresh, as to_empty does)
+    assert torch.equal(model.table, reference.table) and model.table.dtype == reference.table.dtype
+    assert model.table.device == reference.table.device

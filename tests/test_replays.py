@@ -1,6 +1,8 @@
 """Replays that are the constructor's call as it was: a tensor replaced after construction, values
 drawn from the random number generator, names, side effects.  Plain torch; each test judges a real
 flow against a normal build seeded the same way (see test_seams.assert_exact_or_named)."""
+import copy
+
 import torch
 from compare import loading_ends
 from test_seams import assert_exact_or_named, run_flow, seeded
@@ -157,3 +159,24 @@ def test_per_module_materialisation_names_a_tensor_by_its_path_below_an_unrecord
     loading_ends()
     assert assert_exact_or_named(model, reference, caught, allowed_reasons={Reason.RANDOM}) == {
         "leaf.noise": Reason.RANDOM}
+
+
+class HoldsACopiedCache(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.copied = copy.deepcopy(HoldsCache())  # its child is copied too: no registration notes it
+
+
+def test_tensors_replaced_in_a_deep_copied_module_are_named():
+    """A deep copy keeps the note of what its original's constructor left (each tensor as copied):
+    a tensor user code replaced in the copy's child is named REPLACED, never given the constructor's value."""
+    def build():
+        model = seeded(HoldsACopiedCache)()
+        _replace_cache_tensors(model.copied)
+        return model
+
+    reference = build()
+    model, caught = run_flow(META, build, reference.state_dict())
+    named = assert_exact_or_named(model, reference, caught, allowed_reasons={Reason.REPLACED})
+    assert named == {"copied.cache.table": Reason.REPLACED, "copied.cache.tables[0]": Reason.REPLACED,
+                     "copied.cache.pair[0]": Reason.REPLACED}

@@ -239,7 +239,7 @@ def _carry_over(original: nn.Module, memo: dict[int, Any]) -> None:
         duplicate = memo.get(id(module))
         if duplicate is None:
             continue
-        recording.follow_copy(module, duplicate)
+        recording.follow_copy(module, duplicate, memo)
         for tensor in module._buffers.values():
             copied = memo.get(id(tensor))
             copied = views.get(id(copied), copied)

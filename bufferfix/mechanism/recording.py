@@ -572,13 +572,23 @@ def replay_nbytes() -> int:
     return total
 
 
-def follow_copy(original: nn.Module, copy: nn.Module) -> None:
-    """``copy.deepcopy`` of a meta-built module keeps its recipe."""
+def follow_copy(original: nn.Module, copy: nn.Module, memo: dict[int, Any]) -> None:
+    """``copy.deepcopy`` of a meta-built module keeps its recipe, and the note of what its
+    constructor left (each object as ``memo`` says it was copied)."""
     global _parent_index
     entry = _recorded.get(id(original))
     if entry is not None and entry[0]() is original:
         _recorded[id(copy)] = (weakref.ref(copy), *entry[1:])
         _parent_index = None
+    noted = _left.get(original)
+    if noted is not None and copy not in _left:
+        def copied(value: Any) -> Any:
+            return memo.get(id(value), value)
+
+        _left[copy] = {name: (copied(value), None if entries is None
+                              else {key: copied(item) for key, item in entries.items()} if isinstance(entries, dict)
+                              else [copied(item) for item in entries])
+                       for name, (value, entries) in noted.items()}
 
 
 # --------------------------------------------------------------------------- the module tree

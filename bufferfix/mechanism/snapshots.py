@@ -71,8 +71,9 @@ class MoveToMeta:
             if not isinstance(moved, torch.Tensor) or not moved.is_meta:
                 continue
             if moved.stride() != real.stride():  # laid out afresh (an expanded tensor): its views need the old layout
-                moved = owner._buffers[name] = torch.empty_strided(real.shape, real.stride(), dtype=moved.dtype,
-                                                                   device=moved.device)
+                moved = torch.empty_strided(real.shape, real.stride(), dtype=moved.dtype, device=moved.device)
+                if buffers:
+                    owner._buffers[name] = moved  # the attributes take it below
             if non_persistent:  # persistent values come back from the checkpoint
                 stands_for = self.unfilled(real) if self.unfilled is not None else None
                 value = real if stands_for is None else taken.get(stands_for)
