@@ -225,16 +225,22 @@ def _carry_over(original: nn.Module, memo: dict[int, Any]) -> None:
     from ..mechanism import recording, slots
 
     # A view among the copied tensors is a view again (meta tensors are copied each to storage of its own).
-    copies = [(module, duplicate, name, tensor, memo.get(id(tensor))) for module in original.modules()
-              if (duplicate := memo.get(id(module))) is not None
-              for name, tensor in [*module._buffers.items(), *vars(module).items()]
-              if isinstance(tensor, torch.Tensor) and not isinstance(tensor, torch.nn.Parameter)]
-    pairs = [(tensor, copied) for _, _, _, tensor, copied in copies if copied is not None and tensor.is_meta]
+    copies = []  # (slot in the copy, tensor, its copy)
+    for module in original.modules():
+        duplicate = memo.get(id(module))
+        if duplicate is None:
+            continue
+        held = [(slots.Slot(duplicate, slots.BUFFER, name), tensor) for name, tensor in module._buffers.items()]
+        held += [(slots.Slot(duplicate, slots.ATTRIBUTE, name), tensor) for name, tensor in vars(module).items()
+                 if isinstance(tensor, torch.Tensor) and not isinstance(tensor, torch.nn.Parameter)]
+        held += [(slots.Slot(duplicate, slot.kind, slot.name, slot.steps), tensor) for slot, tensor in slots.items(module)]
+        copies += [(slot, tensor, slot.read()) for slot, tensor in held if tensor is not None and tensor.is_meta]
+    pairs = [(tensor, copied) for _, tensor, copied in copies if copied is not None]
     views = slots.views_again(pairs) if len(pairs) > 1 else {}
-    for _, duplicate, name, _, copied in copies:
+    for slot, _, copied in copies:
         view = views.get(id(copied))
         if view is not None:
-            (duplicate._buffers if name in duplicate._buffers else duplicate.__dict__)[name] = view
+            slot.write(view)
     for module in original.modules():
         duplicate = memo.get(id(module))
         if duplicate is None:
