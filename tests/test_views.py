@@ -10,7 +10,7 @@ import torch
 from test_seams import BUILT_ON_META, assert_exact_or_named, recoveries_named, run_flow, seeded
 from torch import nn
 
-import bufferfix  # noqa: F401
+import bufferfix
 from bufferfix import Reason
 from bufferfix.flows import FLOWS
 
@@ -139,3 +139,22 @@ def test_views_of_a_replaced_tensor_share_its_memory_again(flow):
     model, caught = run_flow(flow, seeded(replaced_table), reference.state_dict())
     named = assert_exact_or_named(model, reference, caught, {Reason.REPLACED})
     assert set(named) <= {"table"}
+
+
+class SparseTable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(3))
+        self.register_buffer("inv_freq", torch.arange(3.0), persistent=False)
+        indices, values = torch.tensor([[0, 1], [1, 2]]), torch.tensor([1.0, 2.0])
+        self.register_buffer("adjacency", torch.sparse_coo_tensor(indices, values, (3, 3)), persistent=False)
+
+
+def test_a_sparse_buffer_has_no_storage_to_share_and_comes_back_like_any_other():
+    """A sparse tensor has no storage (``untyped_storage()`` raises): planning views skips it
+    instead of failing, which left every buffer of the model unfilled, named by no warning."""
+    reference = SparseTable()
+    model, caught = run_flow("torch.device('meta')", SparseTable, reference.state_dict())
+    assert not [w for w in caught if issubclass(w.category, bufferfix.BufferFixWarning)]
+    assert torch.equal(model.inv_freq, reference.inv_freq)
+    assert torch.equal(model.adjacency.to_dense(), reference.adjacency.to_dense())

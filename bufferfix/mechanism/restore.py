@@ -239,8 +239,8 @@ class Materialisation:
         by_storage: dict[int, tuple[Any, torch.Tensor, Any]] = {}
         for module in self.modules:
             for name, param in module._parameters.items():
-                if param is not None:
-                    storage = param.untyped_storage()
+                storage = slots.storage(param) if param is not None else None
+                if param is not None and storage is not None:
                     by_storage.setdefault(id(storage), (("parameter", module, name), param, storage))
         candidates = [(key, group, group.tensor) for key, group in self.groups.items() if group.tensor is not None]
         unplanned = self._plan_views_among(candidates, dict(by_storage), bases)
@@ -262,7 +262,9 @@ class Materialisation:
         tensors that share storage beyond what that one covers (filled on their own)."""
         unplanned = []
         for key, group, tensor in sorted(candidates, key=lambda entry: entry[2]._base is not None):
-            storage = tensor.untyped_storage()
+            storage = slots.storage(tensor)
+            if storage is None:
+                continue  # no memory another tensor can share
             base = by_storage.get(id(storage))
             if base is None:
                 by_storage[id(storage)] = (("group", key), tensor, storage)

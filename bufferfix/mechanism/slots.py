@@ -102,6 +102,17 @@ def within(view: torch.Tensor, base: torch.Tensor) -> int | torch.SymInt | None:
     return offset if view.numel() == 0 or last < memory.numel() else None
 
 
+def storage(tensor: torch.Tensor) -> torch.UntypedStorage | None:
+    """The storage ``tensor`` views, or None for a tensor without one (sparse, nested, a subclass
+    without memory): no other tensor can be a view of it, nor it of another."""
+    if tensor.layout is not torch.strided:
+        return None
+    try:
+        return tensor.untyped_storage()
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
 def views_again(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[int, torch.Tensor]:
     """``pairs``: ``(original, copy)`` of tensors copied one by one (``copy.deepcopy`` gives each meta
     tensor storage of its own).  Returns ``{id(copy): view}`` for each copy whose original is a view
@@ -111,9 +122,11 @@ def views_again(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[int, tor
     bases: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(original storage) -> (original, copy)
     made: dict[int, torch.Tensor] = {}
     for original, copy in sorted(pairs, key=lambda pair: pair[0]._base is not None):
-        storage = original.untyped_storage()
-        base = bases.setdefault(id(storage), (original, copy))
-        if base[0] is original or copy.untyped_storage() is base[1].untyped_storage():
+        held = storage(original)
+        if held is None:
+            continue
+        base = bases.setdefault(id(held), (original, copy))
+        if base[0] is original or storage(copy) is storage(base[1]):
             continue  # the first of its storage, or copied as a view already
         offset = within(original, base[0])
         if offset is None:

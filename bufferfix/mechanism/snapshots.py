@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from . import compat
+from .slots import storage as storage_of
 from .slots import within
 
 # (module, name, is it a buffer?) of a view, (module, name, "parameter" or "buffer") of its base, then the
@@ -103,8 +104,8 @@ def _views(modules: list[torch.nn.Module]) -> list[View]:
     found: list[View] = []
     for module in modules:
         for name, param in module._parameters.items():
-            if param is not None and not param.is_meta:
-                storage = param.untyped_storage()  # held in the value: its id is not reused meanwhile
+            storage = storage_of(param) if param is not None and not param.is_meta else None
+            if param is not None and storage is not None:  # held in the value: its id is not reused meanwhile
                 bases.setdefault(id(storage), ((module, name, "parameter"), param, storage))
     slots: list[tuple[tuple[torch.nn.Module, str, bool], torch.Tensor | None]]
     slots = [((module, name, True), tensor) for module in modules for name, tensor in module._buffers.items()]
@@ -115,7 +116,9 @@ def _views(modules: list[torch.nn.Module]) -> list[View]:
         if tensor is None or tensor.is_meta or id(tensor) in seen:
             continue
         seen.add(id(tensor))
-        storage = tensor.untyped_storage()
+        storage = storage_of(tensor)
+        if storage is None:
+            continue
         base = bases.get(id(storage))
         if base is None:
             if slot[2]:
