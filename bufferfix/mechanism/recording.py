@@ -417,48 +417,97 @@ def module_registered(parent: nn.Module, name: str, child: nn.Module | None) -> 
     recorded) or by a replay, registered into a parent, has returned from its constructor, so the
     tensors it holds now in plain attributes and in list, tuple and dict attributes are the ones
     its constructor left (see :func:`left_by_constructor`).  Only its first registration counts (a
-    parent may change it after).  Returns None (the module is kept)."""
-    if child is None or not (_recorded or recipes.replays_running):
-        return None
-    if unrecordable(type(parent)) and parent not in _unrecorded_parents:
-        _note_unrecorded_parent(parent)
+    parent may change it after).  Returns None (the module is kept).
+
+    It runs for every module registered into another, in every build: the common cases (a module
+    never recorded in a module of a class with no ``__new__`` of its own; a recorded module whose
+    attributes hold no tensor and no container) take a few lookups, most of them done in C."""
     entry = _recorded.get(id(child))
-    if ((entry is None or entry[0]() is not child) and not unrecordable(type(child))
-            and not (recipes.replays_running and recipes.thread_state.replaying)):
-        return None
+    if entry is None:
+        if _own_new.get(type(child)) is False and _own_new.get(type(parent)) is False and not recipes.replays_running:
+            return None  # a module never recorded (torch.nn's leaf classes), outside any replay
+    elif _own_new.get(type(parent)) is False and entry[0]() is child:
+        attributes = child.__dict__
+        names = tuple(attributes)
+        known = _attribute_names.get(type(child))
+        if (known is not None and known[0] == names  # compared in C: mostly the same string objects
+                and _SKIPPED_TYPES.issuperset(map(type, map(attributes.__getitem__, known[1])))):
+            return None  # nothing that holds a tensor: nothing to note (most modules)
     try:
-        attributes = vars(child)
-        noted: dict[str, tuple[Any, list[Any] | dict[Any, Any] | None]] = {}
-        kinds = _note_kinds
-        for attribute in attributes.keys() - _MODULE_STATE:
-            value = attributes[attribute]
-            kind = kinds.get(type(value))
-            if kind is None:
-                kind = _note_kind(type(value))
-            if kind == _AS_IT_IS:
-                noted[attribute] = (value, None)
-            elif kind == _LIST:
-                noted[attribute] = (value, list(value))
-            elif kind == _DICT:
-                noted[attribute] = (value, dict(value))
-        # Nothing to note (most modules): nothing is kept, and a tensor found there later is not
-        # known to be another than the constructor's (an ancestor's replay may have it).
-        if noted and child not in _left:
-            _left[child] = noted
+        _module_registered(parent, child)
     except Exception:
         logger.exception("bufferfix: could not note the tensors of %s", type(child).__qualname__)
     return None
 
 
-_SKIP, _AS_IT_IS, _LIST, _DICT = range(4)  # what module_registered keeps of an attribute, by its type
+def _module_registered(parent: nn.Module, child: nn.Module | None) -> None:
+    """:func:`module_registered` beyond its common cases."""
+    if child is None or not (_recorded or recipes.replays_running):
+        return
+    if unrecordable(type(parent)) and parent not in _unrecorded_parents:
+        _note_unrecorded_parent(parent)
+    entry = _recorded.get(id(child))
+    if ((entry is None or entry[0]() is not child) and not unrecordable(type(child))
+            and not (recipes.replays_running and recipes.thread_state.replaying)):
+        return
+    attributes = vars(child)
+    names = tuple(attributes)
+    known = _attribute_names.get(type(child))
+    if known is None or known[0] != names:
+        known = _own_attribute_names(type(child), names)
+    noted: dict[str, tuple[Any, list[Any] | dict[Any, Any] | None]] = {}
+    kinds = _note_kinds
+    for attribute in known[1]:
+        value = attributes[attribute]
+        kind = kinds.get(type(value))
+        if kind == _SKIP:
+            continue
+        if kind is None:
+            kind = _note_kind(type(value))
+        # A container holding no tensor needs no note: a tensor found there later is one the
+        # constructor did not leave, and its replay says so (it has none there).
+        if kind == _TENSOR or (kind == _TUPLE and _may_hold_tensors(value)):
+            noted[attribute] = (value, None)
+        elif kind == _LIST and _may_hold_tensors(value):
+            noted[attribute] = (value, list(value))
+        elif kind == _DICT and _may_hold_tensors(value.values()):
+            noted[attribute] = (value, dict(value))
+    # Nothing noted: nothing is kept, and a tensor found there later is not known to be another
+    # than the constructor's (an ancestor's replay may have it).
+    if noted and child not in _left:
+        _left[child] = noted
+
+
+_MODULE_FLAGS = _MODULE_STATE | {"training", "_is_full_backward_hook"}  # all of nn.Module's own attributes
+_SKIP, _TENSOR, _TUPLE, _LIST, _DICT = range(5)  # what module_registered keeps of an attribute, by its type
 _note_kinds: dict[type, int] = {}
+_SKIPPED_TYPES: set[type] = set()  # the types classified _SKIP: a module holding only these notes nothing
+# class -> (the attribute names its last instance had, in order; those of them not nn.Module's own state)
+_attribute_names: dict[type, tuple[tuple[str, ...], tuple[str, ...]]] = {}
+
+
+def _own_attribute_names(cls: type, names: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``(names, those of them that are not nn.Module's own state)``, kept for the next instance of
+    ``cls`` (most instances of a class have the same attribute names, in the same order)."""
+    known = (names, tuple(name for name in names if name not in _MODULE_FLAGS))
+    if len(_attribute_names) < 10000:  # classes made on the fly: do not keep them all
+        _attribute_names[cls] = known
+    return known
+
+
+def _may_hold_tensors(values: Iterable[Any]) -> bool:
+    """Does a container hold a tensor, or a value that may hold one (a nested container)?"""
+    types = set(map(type, values))
+    return not _SKIPPED_TYPES.issuperset(types) and any(_note_kind(kind) != _SKIP for kind in types - _SKIPPED_TYPES)
 
 
 def _note_kind(kind: type) -> int:
-    found = (_AS_IT_IS if issubclass(kind, (torch.Tensor, tuple)) else _LIST if issubclass(kind, list)
-             else _DICT if issubclass(kind, dict) else _SKIP)
+    found = (_TENSOR if issubclass(kind, torch.Tensor) else _TUPLE if issubclass(kind, tuple)
+             else _LIST if issubclass(kind, list) else _DICT if issubclass(kind, dict) else _SKIP)
     if len(_note_kinds) < 10000:  # classes made on the fly: do not keep them all
         _note_kinds[kind] = found
+        if found == _SKIP:
+            _SKIPPED_TYPES.add(kind)
     return found
 
 
