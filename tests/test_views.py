@@ -158,3 +158,51 @@ def test_a_sparse_buffer_has_no_storage_to_share_and_comes_back_like_any_other()
     assert not [w for w in caught if issubclass(w.category, bufferfix.BufferFixWarning)]
     assert torch.equal(model.inv_freq, reference.inv_freq)
     assert torch.equal(model.adjacency.to_dense(), reference.adjacency.to_dense())
+
+
+class SlicesItsTable(nn.Module):
+    """A persistent buffer that is a slice of a persistent table."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(2))
+        self.register_buffer("table", torch.arange(3.0) + 1)
+        self.register_buffer("first", self.table[:1])
+
+
+class KeepsItsChildsTable(nn.Module):
+    """Keeps its child's table in a dict; user code then gives the child another table, so only the dict
+    holds the tensor the child's ``first`` is a view of."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(2))
+        self.inner = SlicesItsTable()
+        self.held = {"t": self.inner.table}
+
+
+def kept_table(written=False):
+    model = KeepsItsChildsTable()
+    model.inner.table = torch.full_like(model.inner.table, 7)
+    if written:  # through the view: the dict's tensor is no constructor's value any more
+        model.inner.first.add_(1)
+    return model
+
+
+@pytest.mark.parametrize("written", [False, True])
+@pytest.mark.parametrize("flow", ["torch.device('meta')", "init_empty_weights(include_buffers)"])
+def test_a_persistent_view_of_a_tensor_only_a_container_holds_shares_its_memory_again(flow, written):
+    """The dict's tensor, on meta, is not materialised (containers never are) but the child's ``first``
+    is: the dict's tensor gets memory where ``first`` is, and ``first`` is a view of it again, so
+    loading writes both, as in a normal build."""
+    build = functools.partial(kept_table, written)
+    reference = seeded(build)()
+    model, caught = run_flow(flow, seeded(build), reference.state_dict())
+    named = {recovery.name: recovery.reason for recovery in recoveries_named(caught)}
+    assert named == ({"held['t']": Reason.MODIFIED_IN_PLACE} if written else {})
+    held, first = model.held["t"], model.inner.first
+    assert torch.equal(first, reference.inner.first) and first.dtype == torch.float32 and first.device.type == "cpu"
+    assert held.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+    assert first.storage_offset() == 0 and held.stride() == (1,)
+    if not written:
+        assert torch.equal(held, reference.held["t"])

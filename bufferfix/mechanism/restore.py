@@ -480,9 +480,16 @@ class Materialisation:
                 return None
             changed = [slot.read() for slot in group.slots if slot.kind == ATTRIBUTE]
             replaced = next((t for t in changed if t is not None and t is not group.tensor and not t.is_meta), None)
-            if replaced is None:
+            if replaced is not None:
+                target = replaced  # the module's own _apply materialised its attribute
+            elif group.viewers and group.tensor.is_meta:
+                # buffers that are views of it were materialised: it gets memory where they are, to share
+                memory = self._unheld_base(group)
+                if memory is None:
+                    return None
+                target = memory
+            else:
                 return None  # nothing materialised it: the slots take the value itself (_place)
-            target = replaced  # the module's own _apply materialised its attribute
         else:
             slot = group.buffers[0]
             target = slot.module._buffers[slot.name]
@@ -509,8 +516,9 @@ class Materialisation:
 
     @staticmethod
     def _unheld_base(group: _Group) -> torch.Tensor | None:
-        """Memory for a tensor that no slot holds, laid out as it was, where the buffers that are
-        views of it were materialised (None if none was)."""
+        """Memory for a tensor that no materialisation replaces (no slot holds it, or only plain and
+        container attributes do), laid out as it was, where the buffers that are views of it were
+        materialised (None if none was)."""
         assert group.tensor is not None
         for slot in (slot for viewer in group.viewers for slot in viewer.buffers):
             done = slot.module._buffers[slot.name]
