@@ -206,3 +206,55 @@ def test_a_persistent_view_of_a_tensor_only_a_container_holds_shares_its_memory_
     assert first.storage_offset() == 0 and held.stride() == (1,)
     if not written:
         assert torch.equal(held, reference.held["t"])
+
+
+class SlicesItsTableInADict(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("table", torch.arange(4.0, dtype=torch.float64) + 0.5)
+        self.held = {"t": self.table[:1]}
+
+
+class KeepsADeepCopy(nn.Module):
+    """``copy.deepcopy`` of a CPU module makes the dict's slice a tensor of its own on the table's memory
+    (a version counter of its own); on meta it stays a view."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(2))
+        self.inner = copy.deepcopy(SlicesItsTableInADict())
+
+
+def table_written_in_place():
+    model = KeepsADeepCopy()
+    model.inner.table.add_(1)  # the dict's slice shares that memory: its value changes too
+    return model
+
+
+def test_a_slice_in_a_deep_copy_written_through_its_table_is_named_modified_in_place():
+    """Cast to bfloat16 on meta, the table is a tensor of its own and the dict's float64 slice shares no
+    memory with it: no source has the value the write gave it, and the reason is true (the normal build's
+    slice holds the written value, not its constructor's), though the normal build's slice kept its own
+    version counter.  The tree oracle saw only that counter and called the reason false."""
+    reference = seeded(table_written_in_place)()
+    reference.to(torch.bfloat16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.device("meta"):
+            model = seeded(table_written_in_place)()
+        model.to(torch.bfloat16)
+        model.to_empty(device="cpu")
+        model.load_state_dict(reference.state_dict())
+    named = {recovery.name: recovery.reason for recovery in recoveries_named(caught)}
+    assert named == {"inner.held['t']": Reason.MODIFIED_IN_PLACE}
+    assert reference.inner.held["t"].item() == 1.5  # not the constructor's 0.5
+    assert torch.equal(model.inner.table, reference.inner.table)
+
+
+def test_the_tree_oracle_calls_a_write_through_shared_memory_a_modification():
+    import trees
+    inner = trees.NodeSpec(params="none", slots=(trees.Slot(kind="persistent", value="float64", change="in_place"),
+                                                 trees.Slot(kind="dict", view="slice")))
+    tree = trees.Tree(root=trees.NodeSpec(children=(trees.Child(node=inner, copied=True),)), flow="bf16 cast on meta")
+    outcomes = {outcome.name: outcome for outcome in trees.judge(tree)}
+    assert outcomes["c0.s1['t']"].verdict is trees.Verdict.NAMED, outcomes["c0.s1['t']"]

@@ -139,7 +139,10 @@ class Tree:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)  # torch.nn.utils.weight_norm is deprecated
                 root = NODE_TYPES[self.root.cls](self.root, 2, config, dims, offset=0.5)
-            before = {name: (tensor, tensor._version, tuple(tensor.shape)) for name, tensor in locations(root).items()}
+            # the bits too: a tensor sharing memory with another but not its version counter (copy.deepcopy
+            # makes views tensors of their own on the same memory) is changed by writes to the other
+            before = {name: (tensor, tensor._version, tuple(tensor.shape), _bits(tensor).clone() if facts is not None
+                             else None) for name, tensor in locations(root).items()}
             if changes:
                 apply_changes(root, self.root, "")
             for mutation in self.after:
@@ -151,8 +154,8 @@ class Tree:
                 for name, tensor in after.items():
                     found = set(noted.get(id(tensor), ()))
                     if name in before:
-                        old, version, shape = before[name]
-                        if tensor is not old or tensor._version != version:
+                        old, version, shape, bits = before[name]
+                        if tensor is not old or tensor._version != version or not torch.equal(_bits(tensor), bits):
                             found.add("modified")
                         if tuple(tensor.shape) != shape:
                             found.add("resized")
