@@ -108,8 +108,7 @@ class HoldsADeepCopy(nn.Module):
         self.inner = copy.deepcopy(SlicedTable())
 
 
-# Where tensors stay real (init_empty_weights, .to("meta")), a list holding a view is a known gap (trees.py G5).
-@pytest.mark.parametrize("flow", [flow for flow in FLOWS if flow not in ("init_empty_weights", ".to('meta')")])
+@pytest.mark.parametrize("flow", list(FLOWS))
 def test_views_in_a_deep_copied_module_are_views_again(flow):
     reference = seeded(HoldsADeepCopy)()
     model, caught = run_flow(flow, seeded(HoldsADeepCopy), reference.state_dict())
@@ -258,3 +257,37 @@ def test_the_tree_oracle_calls_a_write_through_shared_memory_a_modification():
     tree = trees.Tree(root=trees.NodeSpec(children=(trees.Child(node=inner, copied=True),)), flow="bf16 cast on meta")
     outcomes = {outcome.name: outcome for outcome in trees.judge(tree)}
     assert outcomes["c0.s1['t']"].verdict is trees.Verdict.NAMED, outcomes["c0.s1['t']"]
+
+
+class ListsItsTable(nn.Module):
+    """A list attribute holding a non-persistent table, and a dict holding a slice of it."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(2))
+        self.register_buffer("table", torch.arange(4.0) * 2, persistent=False)
+        self.listed = [self.table]
+        self.held = {"t": self.table[1:]}
+
+
+def test_after_a_move_to_meta_containers_share_the_table_again():
+    """``.to("meta")`` leaves the list and dict holding the real tensors: the table's snapshot is the
+    tensor they hold, and it is the table again after materialisation, so they share its memory."""
+    reference = ListsItsTable()
+    model, caught = run_flow(".to('meta')", ListsItsTable, reference.state_dict())
+    assert recoveries_named(caught) == []
+    assert torch.equal(model.table, reference.table)
+    assert model.listed[0] is model.table
+    assert model.held["t"].untyped_storage().data_ptr() == model.table.untyped_storage().data_ptr()
+    assert model.held["t"].storage_offset() == 1
+
+
+def test_copies_of_a_model_moved_to_meta_do_not_share_its_snapshot():
+    """A deep copy of the meta model has the same snapshot: only the first materialisation makes it its
+    buffer; the other gets memory of its own."""
+    model = ListsItsTable().to("meta")
+    other = copy.deepcopy(model)
+    model.to_empty(device="cpu")
+    other.to_empty(device="cpu")
+    assert torch.equal(model.table, other.table)
+    assert model.table.untyped_storage().data_ptr() != other.table.untyped_storage().data_ptr()

@@ -56,6 +56,8 @@ logger = logging.getLogger("bufferfix")
 _materialised = compat.WeakIdKeyDictionary()
 # Materialised tensor whose value was not written yet -> (the tensor it replaced, its version then).
 _unfilled = compat.WeakIdKeyDictionary()
+# Snapshots that a materialisation made a buffer again (each only once: a copy of the meta model has them too).
+_claimed = compat.WeakIdKeyDictionary()
 
 
 class _Group:
@@ -502,7 +504,13 @@ class Materialisation:
                     group.needs_value = False  # filled by the earlier call
             elif not target.is_meta and target is not group.tensor:
                 old = group.tensor
-                if group.viewers and old is not None and target.stride() != old.stride() and not any(
+                real = self._reusable_snapshot(group, target)
+                if real is not None:
+                    # the real tensor the move to meta took it from, here again: what shared its memory
+                    # (a list or dict attribute the move left real) shares it again, as in a normal build
+                    target = real
+                    _claimed[real] = True
+                elif group.viewers and old is not None and target.stride() != old.stride() and not any(
                         other.kind == BUFFER and other.name not in other.module._non_persistent_buffers_set
                         for other in group.slots):
                     # laid out afresh (an expanded tensor comes back contiguous): its views need the old
@@ -513,6 +521,19 @@ class Materialisation:
             if other.read() is not target:
                 other.write(target)
         return target
+
+    @staticmethod
+    def _reusable_snapshot(group: _Group, target: torch.Tensor) -> torch.Tensor | None:
+        """The real tensor a move to meta replaced with ``group``'s meta tensor, if it can stand for
+        ``target`` (laid out as that meta tensor, typed and placed as ``target``) and no
+        materialisation took it yet (a copy of the meta model has the same snapshot)."""
+        if not snapshots.taken or group.old is None or not group.old.is_meta:
+            return None
+        real = snapshots.taken.get(group.old)
+        if real is None or real in _claimed or real.dtype != target.dtype or real.device != target.device \
+                or real.shape != group.old.shape or real.stride() != group.old.stride() or real.requires_grad:
+            return None
+        return real
 
     @staticmethod
     def _unheld_base(group: _Group) -> torch.Tensor | None:
@@ -575,6 +596,9 @@ class Materialisation:
     def _write(group: _Group, target: torch.Tensor, value: torch.Tensor) -> None:
         if target.is_meta:
             return  # still on meta (e.g. to_empty(device="meta")): nothing to fill
+        if value is target:  # the snapshot itself is the materialised tensor
+            _unfilled.pop(target, None)
+            return
         try:
             _copy(target, value)
             _unfilled.pop(target, None)
