@@ -139,7 +139,10 @@ class Tree:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)  # torch.nn.utils.weight_norm is deprecated
                 root = NODE_TYPES[self.root.cls](self.root, 2, config, dims, offset=0.5)
-            before = {name: (tensor, tensor._version, tuple(tensor.shape)) for name, tensor in locations(root).items()}
+            # the bits too: a tensor sharing memory with another but not its version counter (copy.deepcopy
+            # makes views tensors of their own on the same memory) is changed by writes to the other
+            before = {name: (tensor, tensor._version, tuple(tensor.shape), _bits(tensor).clone() if facts is not None
+                             else None) for name, tensor in locations(root).items()}
             if changes:
                 apply_changes(root, self.root, "")
             for mutation in self.after:
@@ -151,8 +154,8 @@ class Tree:
                 for name, tensor in after.items():
                     found = set(noted.get(id(tensor), ()))
                     if name in before:
-                        old, version, shape = before[name]
-                        if tensor is not old or tensor._version != version:
+                        old, version, shape, bits = before[name]
+                        if tensor is not old or tensor._version != version or not torch.equal(_bits(tensor), bits):
                             found.add("modified")
                         if tuple(tensor.shape) != shape:
                             found.add("resized")
@@ -893,9 +896,11 @@ KNOWN_GAPS = (
     # cannot write an expanded tensor, so the buffer keeps the contiguous layout materialisation gives it, and the
     # view's strides no longer say where its elements are in it (a normal build cannot load such a buffer at all)
     Gap("G23", lambda c: c.view == "slice" and c.base.value == "expanded" and c.base.kind == "persistent", "view"),
-    # G5: where tensors stay real (init_empty_weights, .to("meta") snapshots), a list / tuple / dict holding a
-    # buffer (or a view of it) holds another tensor after
-    Gap("G5", lambda c: c.base is not None and c.kind in CONTAINERS and c.flow in (ACCELERATE, TO_META), "view"),
+    # G5: after .to("meta"), a list / tuple / dict holding a persistent buffer (or a view of it) holds the real
+    # tensor the move left there, sharing no memory with the materialised buffer: the move snapshots only
+    # non-persistent buffers (whose snapshot becomes the buffer again), and nothing plans the container's tensor
+    Gap("G5", lambda c: c.base is not None and c.kind in CONTAINERS and c.flow == TO_META
+        and c.base.kind == "persistent", "view"),
     # G6: load_state_dict(assign=True) puts the checkpoint's tensor in a persistent buffer: views and aliases of it
     # (or that it is a view of) are no longer shared, and an alias written in place is named though it is right
     Gap("G6", lambda c: c.base is not None and "persistent" in (c.kind, c.base.kind) and c.flow == ASSIGN, "view"),

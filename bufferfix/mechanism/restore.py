@@ -56,6 +56,8 @@ logger = logging.getLogger("bufferfix")
 _materialised = compat.WeakIdKeyDictionary()
 # Materialised tensor whose value was not written yet -> (the tensor it replaced, its version then).
 _unfilled = compat.WeakIdKeyDictionary()
+# Snapshots that a materialisation made a buffer again (each only once: a copy of the meta model has them too).
+_claimed = compat.WeakIdKeyDictionary()
 
 
 class _Group:
@@ -480,9 +482,16 @@ class Materialisation:
                 return None
             changed = [slot.read() for slot in group.slots if slot.kind == ATTRIBUTE]
             replaced = next((t for t in changed if t is not None and t is not group.tensor and not t.is_meta), None)
-            if replaced is None:
+            if replaced is not None:
+                target = replaced  # the module's own _apply materialised its attribute
+            elif group.viewers and group.tensor.is_meta:
+                # buffers that are views of it were materialised: it gets memory where they are, to share
+                memory = self._unheld_base(group)
+                if memory is None:
+                    return None
+                target = memory
+            else:
                 return None  # nothing materialised it: the slots take the value itself (_place)
-            target = replaced  # the module's own _apply materialised its attribute
         else:
             slot = group.buffers[0]
             target = slot.module._buffers[slot.name]
@@ -495,7 +504,13 @@ class Materialisation:
                     group.needs_value = False  # filled by the earlier call
             elif not target.is_meta and target is not group.tensor:
                 old = group.tensor
-                if group.viewers and old is not None and target.stride() != old.stride() and not any(
+                real = self._reusable_snapshot(group, target)
+                if real is not None:
+                    # the real tensor the move to meta took it from, here again: what shared its memory
+                    # (a list or dict attribute the move left real) shares it again, as in a normal build
+                    target = real
+                    _claimed[real] = True
+                elif group.viewers and old is not None and target.stride() != old.stride() and not any(
                         other.kind == BUFFER and other.name not in other.module._non_persistent_buffers_set
                         for other in group.slots):
                     # laid out afresh (an expanded tensor comes back contiguous): its views need the old
@@ -508,9 +523,23 @@ class Materialisation:
         return target
 
     @staticmethod
+    def _reusable_snapshot(group: _Group, target: torch.Tensor) -> torch.Tensor | None:
+        """The real tensor a move to meta replaced with ``group``'s meta tensor, if it can stand for
+        ``target`` (laid out as that meta tensor, typed and placed as ``target``) and no
+        materialisation took it yet (a copy of the meta model has the same snapshot)."""
+        if not snapshots.taken or group.old is None or not group.old.is_meta:
+            return None
+        real = snapshots.taken.get(group.old)
+        if real is None or real in _claimed or real.dtype != target.dtype or real.device != target.device \
+                or real.shape != group.old.shape or real.stride() != group.old.stride() or real.requires_grad:
+            return None
+        return real
+
+    @staticmethod
     def _unheld_base(group: _Group) -> torch.Tensor | None:
-        """Memory for a tensor that no slot holds, laid out as it was, where the buffers that are
-        views of it were materialised (None if none was)."""
+        """Memory for a tensor that no materialisation replaces (no slot holds it, or only plain and
+        container attributes do), laid out as it was, where the buffers that are views of it were
+        materialised (None if none was)."""
         assert group.tensor is not None
         for slot in (slot for viewer in group.viewers for slot in viewer.buffers):
             done = slot.module._buffers[slot.name]
@@ -567,6 +596,9 @@ class Materialisation:
     def _write(group: _Group, target: torch.Tensor, value: torch.Tensor) -> None:
         if target.is_meta:
             return  # still on meta (e.g. to_empty(device="meta")): nothing to fill
+        if value is target:  # the snapshot itself is the materialised tensor
+            _unfilled.pop(target, None)
+            return
         try:
             _copy(target, value)
             _unfilled.pop(target, None)

@@ -4,7 +4,9 @@
 non-persistent buffers away; no checkpoint has them.  Before that happens we keep
 a reference to the real tensor, keyed (weakly) by the meta tensor that replaces
 it.  The snapshot lives exactly as long as that meta tensor: it is freed when
-the model is materialised or garbage collected.  Nothing is stored on the
+the model is materialised (where it fits, it becomes the materialised buffer
+itself, so what still shares its memory shares the buffer's) or garbage
+collected.  Nothing is stored on the
 module, so ``state_dict``, pickling and ``torch.save`` are unaffected.
 """
 from __future__ import annotations
