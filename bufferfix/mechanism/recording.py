@@ -423,10 +423,10 @@ def module_registered(parent: nn.Module, name: str, child: nn.Module | None) -> 
     never recorded in a module of a class with no ``__new__`` of its own; a recorded module whose
     attributes hold no tensor and no container) take a few lookups, most of them done in C."""
     entry = _recorded.get(id(child))
-    if entry is None:
+    if entry is None or entry[0]() is not child:  # (an entry of a module that died, whose id is reused)
         if _own_new.get(type(child)) is False and _own_new.get(type(parent)) is False and not recipes.replays_running:
             return None  # a module never recorded (torch.nn's leaf classes), outside any replay
-    elif _own_new.get(type(parent)) is False and entry[0]() is child:
+    elif _own_new.get(type(parent)) is False:
         attributes = child.__dict__
         names = tuple(attributes)
         known = _attribute_names.get(type(child))
