@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from . import compat, recipes, signatures, snapshots
-from .slots import _MODULE_INTERNALS as _MODULE_STATE
+from .slots import MODULE_STATE
 
 # The raw construction the hook keeps: (weakref to the module, class, args, kwargs or None, default dtype,
 # argument states: see recipes.argument_states).  The arguments are whatever the constructor takes.
@@ -478,7 +478,6 @@ def _module_registered(parent: nn.Module, child: nn.Module | None) -> None:
         _left[child] = noted
 
 
-_MODULE_FLAGS = _MODULE_STATE | {"training", "_is_full_backward_hook"}  # all of nn.Module's own attributes
 _SKIP, _TENSOR, _TUPLE, _LIST, _DICT = range(5)  # what module_registered keeps of an attribute, by its type
 _note_kinds: dict[type, int] = {}
 _SKIPPED_TYPES: set[type] = set()  # the types classified _SKIP: a module holding only these notes nothing
@@ -489,7 +488,7 @@ _attribute_names: dict[type, tuple[tuple[str, ...], tuple[str, ...]]] = {}
 def _own_attribute_names(cls: type, names: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """``(names, those of them that are not nn.Module's own state)``, kept for the next instance of
     ``cls`` (most instances of a class have the same attribute names, in the same order)."""
-    known = (names, tuple(name for name in names if name not in _MODULE_FLAGS))
+    known = (names, tuple(name for name in names if name not in MODULE_STATE))
     if len(_attribute_names) < 10000:  # classes made on the fly: do not keep them all
         _attribute_names[cls] = known
     return known

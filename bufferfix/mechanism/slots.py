@@ -30,11 +30,7 @@ BUFFER, ATTRIBUTE, ITEM, ABSENT = "buffer", "attribute", "item", "absent"
 Step = tuple[str, Any]  # ("item", key) or ("field", name)
 
 MAX_DEPTH = 3  # attribute -> container -> container / object field -> tensor
-_MODULE_INTERNALS = frozenset({
-    "_parameters", "_buffers", "_modules", "_non_persistent_buffers_set", "_backward_hooks", "_backward_pre_hooks",
-    "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
-    "_forward_pre_hooks_with_kwargs", "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
-    "_load_state_dict_post_hooks"})
+MODULE_STATE = frozenset(vars(torch.nn.Module()))  # nn.Module's own attributes, as this torch has them
 _SCALARS = (str, bytes, int, float, bool, complex, type(None), type, torch.dtype, torch.device)
 _FLAGS = (bool, int, float, str, type(None))
 
@@ -197,7 +193,7 @@ def items(module: torch.nn.Module, wanted: Callable[[torch.Tensor], bool] = lamb
     kinds = _kinds
     empty = {} if empty is None else empty
     attributes = vars(module)
-    for attribute in attributes.keys() - _MODULE_INTERNALS:  # in C: torch's own 17 are never walked
+    for attribute in attributes.keys() - MODULE_STATE:  # in C: torch's own are never walked
         value = attributes[attribute]
         kind = kinds.get(type(value)) or _classify(value)
         if kind != _SKIP and kind != _TENSOR and empty.get(id(value), -1) < MAX_DEPTH:

@@ -131,11 +131,8 @@ class Library:
 
 # --------------------------------------------------------------------------- tensors
 
-_MODULE_INTERNALS = {"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set", "_backward_hooks",
-                     "_backward_pre_hooks", "_forward_hooks", "_forward_hooks_with_kwargs",
-                     "_forward_hooks_always_called", "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs",
-                     "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
-                     "_load_state_dict_post_hooks"}
+# nn.Module's own containers (its flags, such as ``training``, are compared like any attribute)
+_MODULE_INTERNALS = frozenset(name for name, value in vars(torch.nn.Module()).items() if isinstance(value, (dict, set)))
 _DEPTH = 4
 
 
