@@ -53,6 +53,36 @@ def test_attribute_and_container_tensors_replaced_on_meta_are_named():
                      "cache.pair[0]": Reason.REPLACED}
 
 
+class MaybeCache(nn.Module):
+    """The same attributes whether filled or not: tensors, or values of other types."""
+
+    def __init__(self, filled):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(3))
+        self.table = torch.arange(3.0) + 0.5 if filled else None
+        self.tables = [torch.arange(3.0) * 2 if filled else 0, 1]
+        self.pair = (torch.arange(3.0) * 3 if filled else 0,)
+
+
+class EmptyThenFilledCache(nn.Module):
+    """A module holding no tensor, then one of its class laid out the same that holds some."""
+
+    def __init__(self):
+        super().__init__()
+        self.empty = MaybeCache(False)
+        self.cache = MaybeCache(True)
+
+
+def test_tensors_replaced_in_a_module_whose_class_held_none_before_are_named():
+    """What each module's constructor left is looked at module by module: an earlier one of the
+    class holding no tensor says nothing of the next."""
+    reference = _built_and_replaced(seeded(EmptyThenFilledCache))()
+    model, caught = run_flow(META, _built_and_replaced(seeded(EmptyThenFilledCache)), reference.state_dict())
+    named = assert_exact_or_named(model, reference, caught, allowed_reasons={Reason.REPLACED})
+    assert named == {"cache.table": Reason.REPLACED, "cache.tables[0]": Reason.REPLACED,
+                     "cache.pair[0]": Reason.REPLACED}
+
+
 class NoisyBuffer(nn.Module):
     def __init__(self):
         super().__init__()

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import itertools
 import logging
+import operator
 import sys
 import threading
 import types
 import weakref
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from typing import Any, Protocol, cast
 
 import torch
@@ -84,6 +85,8 @@ def constructor_hook(switch: Switch, unrecorded_classes: Collection[type]) -> Co
     attributes): a Recipe is made of it only if a buffer ever needs it.  Whatever goes wrong in
     here is logged, never raised: construction must not break.
     """
+    global _leaf_classes
+    _leaf_classes = frozenset(unrecorded_classes)
     new = object.__new__
     stack_length, thread_ident = compat.function_mode_stack_length, threading.get_ident
     module_attributes = nn.Module.__dict__  # register_parameter: replaced by accelerate's init_empty_weights()
@@ -284,6 +287,8 @@ def inherits_c_constructor(cls: type) -> bool:
 
 
 _own_new: dict[type, bool] = {}  # class -> has it a __new__ of its own (never recorded)?
+_plain_classes: set[type] = set()  # the classes in _own_new without one: module_registered's common case
+_leaf_classes: frozenset[type] = frozenset()  # the constructor hook's unrecorded classes (torch.nn's own)
 
 
 def unrecordable(cls: type) -> bool:
@@ -296,6 +301,8 @@ def unrecordable(cls: type) -> bool:
         verdict = not (new is object.__new__ or is_constructor_hook(new))
         if len(_own_new) < 10000:
             _own_new[cls] = verdict
+            if not verdict:
+                _plain_classes.add(cls)
     return verdict
 
 
@@ -419,20 +426,27 @@ def module_registered(parent: nn.Module, name: str, child: nn.Module | None) -> 
     its constructor left (see :func:`left_by_constructor`).  Only its first registration counts (a
     parent may change it after).  Returns None (the module is kept).
 
-    It runs for every module registered into another, in every build: the common cases (a module
-    never recorded in a module of a class with no ``__new__`` of its own; a recorded module whose
-    attributes hold no tensor and no container) take a few lookups, most of them done in C."""
-    entry = _recorded.get(id(child))
-    if entry is None or entry[0]() is not child:  # (an entry of a module that died, whose id is reused)
-        if _own_new.get(type(child)) is False and _own_new.get(type(parent)) is False and not recipes.replays_running:
-            return None  # a module never recorded (torch.nn's leaf classes), outside any replay
-    elif _own_new.get(type(parent)) is False:
-        attributes = child.__dict__
-        names = tuple(attributes)
-        known = _attribute_names.get(type(child))
-        if (known is not None and known[0] == names  # compared in C: mostly the same string objects
-                and _SKIPPED_TYPES.issuperset(map(type, map(attributes.__getitem__, known[1])))):
-            return None  # nothing that holds a tensor: nothing to note (most modules)
+    It runs for every module registered into another, in every build (a 70B model: a thousand
+    times), so the common cases take a few lookups done in C: a module of torch.nn's own classes;
+    one laid out as the last module of its class that held no tensor, holding none either
+    (:data:`_quiet`).  benchmarks/README.md gives what it costs."""
+    if type(parent) in _plain_classes:
+        kind = type(child)
+        if kind in _leaf_classes:
+            return None  # torch.nn's own classes: never recorded, and no constructor of theirs leaves a tensor
+        quiet = _quiet.get(kind)
+        if quiet is not None:
+            attributes = child.__dict__
+            if len(attributes) == quiet[0]:
+                try:
+                    for value in quiet[1](attributes):
+                        if type(value) not in _SKIPPED_TYPES:
+                            break
+                    else:
+                        if quiet[2] is None or _hold_no_tensor(attributes, quiet[2]):
+                            return None  # nothing that holds a tensor: nothing to note (most modules)
+                except (KeyError, TypeError):  # an attribute another than its class's last one had
+                    pass
     try:
         _module_registered(parent, child)
     except Exception:
@@ -442,56 +456,77 @@ def module_registered(parent: nn.Module, name: str, child: nn.Module | None) -> 
 
 def _module_registered(parent: nn.Module, child: nn.Module | None) -> None:
     """:func:`module_registered` beyond its common cases."""
-    if child is None or not (_recorded or recipes.replays_running):
+    if child is None:
         return
-    if unrecordable(type(parent)) and parent not in _unrecorded_parents:
+    child_unrecordable = unrecordable(type(child))  # both known from now on: the common cases need it
+    parent_unrecordable = unrecordable(type(parent))
+    anything_recorded = bool(_recorded or recipes.replays_running)
+    if anything_recorded and parent_unrecordable and parent not in _unrecorded_parents:
         _note_unrecorded_parent(parent)
     entry = _recorded.get(id(child))
-    if ((entry is None or entry[0]() is not child) and not unrecordable(type(child))
-            and not (recipes.replays_running and recipes.thread_state.replaying)):
-        return
+    # A module built on meta, of a class never recorded, or by a replay: what it holds is noted.
+    # Any other is looked at all the same: if it holds no tensor, the next of its class takes the
+    # common case.
+    noting = anything_recorded and ((entry is not None and entry[0]() is child) or child_unrecordable
+                            or (recipes.replays_running and recipes.thread_state.replaying))
     attributes = vars(child)
-    names = tuple(attributes)
-    known = _attribute_names.get(type(child))
-    if known is None or known[0] != names:
-        known = _own_attribute_names(type(child), names)
     noted: dict[str, tuple[Any, list[Any] | dict[Any, Any] | None]] = {}
+    plain: list[str] = []
+    containers: Containers = ()
     kinds = _note_kinds
-    for attribute in known[1]:
-        value = attributes[attribute]
-        kind = kinds.get(type(value))
-        if kind == _SKIP:
+    for attribute, value in attributes.items():
+        if attribute in MODULE_STATE:
             continue
+        kind = kinds.get(type(value))
         if kind is None:
             kind = _note_kind(type(value))
+        if kind == _SKIP:
+            plain.append(attribute)
+            continue
+        entries = value.values() if kind == _DICT else value
         # A container holding no tensor needs no note: a tensor found there later is one the
         # constructor did not leave, and its replay says so (it has none there).
-        if kind == _TENSOR or (kind == _TUPLE and _may_hold_tensors(value)):
+        if kind == _TENSOR:
             noted[attribute] = (value, None)
-        elif kind == _LIST and _may_hold_tensors(value):
-            noted[attribute] = (value, list(value))
-        elif kind == _DICT and _may_hold_tensors(value.values()):
-            noted[attribute] = (value, dict(value))
+        elif not _may_hold_tensors(entries):
+            containers += ((attribute, _ENTRIES[kind]),)
+        else:
+            noted[attribute] = (value, list(value) if kind == _LIST else dict(value) if kind == _DICT else None)
     # Nothing noted: nothing is kept, and a tensor found there later is not known to be another
     # than the constructor's (an ancestor's replay may have it).
-    if noted and child not in _left:
-        _left[child] = noted
+    if noted:
+        if noting and child not in _left:
+            _left[child] = noted
+    elif not child_unrecordable:
+        _learn_quiet(type(child), attributes, plain, containers)
 
 
 _SKIP, _TENSOR, _TUPLE, _LIST, _DICT = range(5)  # what module_registered keeps of an attribute, by its type
+_ENTRIES: dict[int, Callable[[Any], Iterable[Any]]] = {_TUPLE: tuple.__iter__, _LIST: list.__iter__,
+                                                       _DICT: dict.values}  # raise TypeError for another kind
 _note_kinds: dict[type, int] = {}
 _SKIPPED_TYPES: set[type] = set()  # the types classified _SKIP: a module holding only these notes nothing
-# class -> (the attribute names its last instance had, in order; those of them not nn.Module's own state)
-_attribute_names: dict[type, tuple[tuple[str, ...], tuple[str, ...]]] = {}
+Containers = tuple[tuple[str, Callable[[Any], Iterable[Any]]], ...]  # (attribute, a function giving its entries)
+# class -> (len(vars(instance)), a getter of the values of its attributes that held no container,
+# (attribute, a function giving its entries) for those that held one, or None), as the last instance
+# of the class that held no tensor had them: module_registered's common case
+_quiet: dict[type, tuple[int, Callable[[dict[str, Any]], tuple[Any, ...]], Containers | None]] = {}
 
 
-def _own_attribute_names(cls: type, names: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """``(names, those of them that are not nn.Module's own state)``, kept for the next instance of
-    ``cls`` (most instances of a class have the same attribute names, in the same order)."""
-    known = (names, tuple(name for name in names if name not in MODULE_STATE))
-    if len(_attribute_names) < 10000:  # classes made on the fly: do not keep them all
-        _attribute_names[cls] = known
-    return known
+def _learn_quiet(cls: type, attributes: dict[str, Any], plain: list[str], containers: Containers) -> None:
+    """An instance of ``cls`` holding no tensor, laid out as ``attributes``: the next one laid out
+    the same, holding no tensor either, takes module_registered's common case."""
+    if len(_quiet) < 10000:  # classes made on the fly: do not keep them all
+        # "training" twice: two names at least, so that the getter gives a tuple
+        _quiet[cls] = (len(attributes), operator.itemgetter("training", "training", *plain), containers or None)
+
+
+def _hold_no_tensor(attributes: dict[str, Any], containers: Containers) -> bool:
+    """Do these container attributes hold nothing that may be a tensor, as when noted?"""
+    for name, entries in containers:
+        if not _SKIPPED_TYPES.issuperset(map(type, entries(attributes[name]))):
+            return False
+    return True
 
 
 def _may_hold_tensors(values: Iterable[Any]) -> bool:
