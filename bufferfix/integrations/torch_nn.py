@@ -61,6 +61,7 @@ def _to_empty(wrapped: Wrapped, instance: nn.Module, args: WrapperArgs, kwargs: 
             return wrapped(*args, **kwargs)
     finally:
         _local.busy = False
+        _follow_moved_attributes()
 
 
 def _to(wrapped: Wrapped, instance: nn.Module, args: WrapperArgs, kwargs: WrapperKwargs) -> Any:
@@ -70,23 +71,21 @@ def _to(wrapped: Wrapped, instance: nn.Module, args: WrapperArgs, kwargs: Wrappe
         device = compat.parse_to(*args, **kwargs)[0]
     except Exception:  # noqa: BLE001 - let the real call report bad arguments
         device = None
-    if not INTEGRATION.active or device is None or device.type != "meta":
-        return _moving(wrapped, instance, args, kwargs)
-    return _moving_to_meta(wrapped, instance, args, kwargs)
+    try:
+        if not INTEGRATION.active or device is None or device.type != "meta":
+            return wrapped(*args, **kwargs)
+        return _moving_to_meta(wrapped, instance, args, kwargs)
+    finally:
+        _follow_moved_attributes()
 
 
-def _moving(wrapped: Wrapped, instance: nn.Module, args: WrapperArgs, kwargs: WrapperKwargs) -> Any:
-    """A module whose own ``_apply`` reassigns its plain tensor attributes: what its constructor
-    left there stays known as its constructor's after the move (see recording.follow_move)."""
+def _follow_moved_attributes() -> None:
+    """After a move: what a module's own ``_apply`` converted after ``Module._apply`` returned is tied
+    to what it was (see _apply), and nothing is held for it any longer."""
     from ..mechanism import recording
 
-    if not INTEGRATION.active or not recording.any_left():
-        return wrapped(*args, **kwargs)
-    held = contained(lambda: recording.tensors_left(instance), "following a move")
-    result = wrapped(*args, **kwargs)
-    if held:
-        contained(lambda: recording.follow_move(held), "following a move")
-    return result
+    if INTEGRATION.active:
+        contained(recording.follow_moved_attributes, "following a move")
 
 
 def _load_state_dict(wrapped: Wrapped, instance: nn.Module, args: WrapperArgs, kwargs: WrapperKwargs) -> Any:
@@ -153,14 +152,16 @@ def _apply(wrapped: Wrapped, instance: nn.Module, args: WrapperArgs, kwargs: Wra
     another meta tensor (a dtype cast on meta) keeps what was noted of it (recording.follow_tensor).
     The function is wrapped once, at the outermost call, and handed down to every submodule; the
     attributes that a module's own ``_apply`` converts after this call returns are tied later
-    (recording.moving_own_attributes)."""
+    (recording.moving_attributes)."""
     from torch import nn
 
     from ..mechanism import recording
 
     if not INTEGRATION.active or getattr(_local, "applying", False):
         return wrapped(*args, **kwargs)
-    contained(recording.follow_moved_attributes, "following a move on meta")
+    contained(recording.follow_moved_attributes, "following a move")
+    own_apply = _owner_of_apply(type(instance)) is not nn.Module
+    contained(lambda: recording.moving_attributes(instance, own_apply), "following a move")
     if args:
         args = (_following(args[0]), *args[1:])
     elif "fn" in kwargs:
@@ -170,8 +171,6 @@ def _apply(wrapped: Wrapped, instance: nn.Module, args: WrapperArgs, kwargs: Wra
         return wrapped(*args, **kwargs)
     finally:
         _local.applying = False
-        if _owner_of_apply(type(instance)) is not nn.Module:
-            contained(lambda: recording.moving_own_attributes(instance), "following a move on meta")
 
 
 def _following(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -381,34 +381,58 @@ def follow_tensor(original: torch.Tensor, copy: torch.Tensor) -> None:
     snapshots.follow_copy(original, copy)
 
 
-# Plain meta tensor attributes of modules whose own ``_apply`` converts them after ``Module._apply``
-# returned, with the function it was given: (the module, [(attribute, tensor before)]), until
-# :func:`follow_moved_attributes` ties each to what it was converted into.
+# Plain tensor attributes that ``Module._apply`` may see converted, by a module's own ``_apply``:
+# (the module, [(attribute, tensor before)]), until :func:`follow_moved_attributes` ties each to
+# what it was converted into.
 _moving: list[tuple[weakref.ref[nn.Module], list[tuple[str, torch.Tensor]]]] = []
 
 
-def moving_own_attributes(module: nn.Module) -> None:
-    """``Module._apply`` runs for ``module``, whose class has an ``_apply`` of its own: note its plain
-    meta tensor attributes, which that ``_apply`` may convert next (see :func:`follow_moved_attributes`)."""
-    attributes = [(name, value) for name, value in vars(module).items()
-                  if isinstance(value, torch.Tensor) and value.is_meta and not isinstance(value, nn.Parameter)]
-    if attributes:
-        _moving.append((weakref.ref(module), attributes))
+def moving_attributes(root: nn.Module, own_apply: bool) -> None:
+    """``Module._apply`` is about to run for ``root`` (``.to(torch.bfloat16)``, ``.half()``, ``to_empty``):
+    note the plain tensor attributes that a module's own ``_apply`` may convert (``self.table =
+    fn(self.table)`` after ``super()._apply(fn)``; see :func:`follow_moved_attributes`): those below
+    ``root`` that still hold what their constructor left, and if ``root``'s class has an ``_apply``
+    of its own, all of ``root``'s.  (The function a submodule's own ``_apply`` is given already ties
+    what it converts on meta: the torch_nn integration wraps it.)"""
+    if own_apply:
+        attributes = [(name, value) for name, value in vars(root).items()
+                      if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter)]
+        if attributes:
+            _moving.append((weakref.ref(root), attributes))
+    if not _left:
+        return
+    for module in root.modules():
+        noted = _left.get(module)
+        if noted is None or (own_apply and module is root):
+            continue
+        held = vars(module)
+        attributes = [(name, value) for name, (value, _) in noted.items()
+                      if held.get(name) is value and isinstance(value, torch.Tensor)]
+        if attributes:
+            _moving.append((weakref.ref(module), attributes))
 
 
 def follow_moved_attributes() -> None:
-    """Each attribute noted by :func:`moving_own_attributes` that now holds another meta tensor of its
-    shape (its ``_apply`` converted it) keeps what was noted of the one before (:func:`follow_tensor`)."""
+    """Each attribute noted by :func:`moving_attributes` that now holds another tensor of its
+    shape, on meta as before or off meta as before (its ``_apply`` converted it: ``.to(torch.bfloat16)``,
+    ``.half()``), stands for the one before: it keeps what was noted of it (:func:`follow_tensor`),
+    and is the constructor's if that one was (:func:`left_by_constructor`).  A meta tensor that
+    became a real one (``to_empty``) is not the constructor's: recovery gives it a value."""
     while _moving:
         module_ref, attributes = _moving.pop()
         module = module_ref()
         if module is None:
             continue
+        noted = _left.get(module)
         for name, before in attributes:
             now = vars(module).get(name)
-            if isinstance(now, torch.Tensor) and now is not before and now.is_meta and now.shape == before.shape:
+            if (not isinstance(now, torch.Tensor) or now is before or now.is_meta != before.is_meta
+                    or now.shape != before.shape):
+                continue
+            if now.is_meta:
                 follow_tensor(before, now)
-
+            if noted is not None and name in noted and noted[name][0] is before:
+                noted[name] = (now, None)
 
 # --------------------------------------------------------------------------- what a constructor left
 
@@ -569,31 +593,6 @@ def left_by_constructor(module: nn.Module, name: str, steps: tuple[tuple[str, An
         else:
             return UNKNOWN  # inside a container or object the note holds no copy of
     return value
-
-
-def any_left() -> bool:
-    return bool(_left)
-
-
-def tensors_left(root: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
-    """``(module, attribute, tensor)`` for each plain tensor attribute below ``root`` that still
-    holds the tensor its constructor left (see :func:`follow_move`)."""
-    found: list[tuple[nn.Module, str, torch.Tensor]] = []
-    for module in root.modules():
-        noted: dict[str, tuple[Any, Any]] = _left.get(module) or {}
-        for name, (value, _) in noted.items():
-            if vars(module).get(name) is value and isinstance(value, torch.Tensor):
-                found.append((module, name, value))
-    return found
-
-
-def follow_move(held: list[tuple[nn.Module, str, torch.Tensor]]) -> None:
-    """A move (``.to(torch.bfloat16)``) converted what :func:`tensors_left` found: a module whose
-    own ``_apply`` reassigns its plain tensor attributes holds the constructor's tensors converted."""
-    for module, name, before in held:
-        noted, now = _left.get(module), vars(module).get(name)
-        if noted is not None and now is not before and isinstance(now, torch.Tensor):
-            noted[name] = (now, None)
 
 
 # --------------------------------------------------------------------------- the side table
