@@ -193,6 +193,63 @@ def test_the_restore_itself_interrupted_leaves_marks_that_the_retry_fills(monkey
     assert bufferfix.held().pending == start
 
 
+class MovesItsTable(nn.Module):
+    """Values in a buffer, a plain attribute and a list attribute; its ``_apply`` moves the plain
+    attribute too, so ``to_empty`` gives it empty memory as it does a buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+        self.register_buffer("buffer", torch.arange(4.0) * 2, persistent=False)
+        self.table = torch.arange(6.0) / 7
+        self.tables = [torch.arange(5.0) * 3]
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.table = fn(self.table)
+        return self
+
+
+def _changed(model):
+    with torch.no_grad():
+        model.buffer.mul_(3)
+        model.table.mul_(3)
+    return model
+
+
+@pytest.mark.parametrize("flow, interrupted_at", [("meta build", 1), ("meta build", 2), ("meta build", 3),
+                                                  ("changed, then moved to meta", 1),
+                                                  ("changed, then moved to meta", 2)])
+def test_an_interrupted_fill_leaves_every_kind_of_slot_marked_for_the_retry(monkeypatch, flow, interrupted_at):
+    """The fill interrupted at the buffer, the attribute or the list entry: whatever holds empty
+    memory then, an attribute as much as a buffer, is filled by the retry (the snapshot of a value
+    changed before the move to meta, too), not kept as a value."""
+    torch.manual_seed(0)
+    if flow == "meta build":
+        reference = MovesItsTable()
+        with torch.device("meta"):
+            model = MovesItsTable()
+    else:
+        reference = _changed(MovesItsTable())
+        model = _changed(MovesItsTable()).to("meta")  # (the list stays real: only the module's _apply moves it)
+    real_fill = restore.Materialisation.fill
+    calls = []
+
+    def interrupted_fill(self, group, target, failures, device=None):
+        calls.append(1)
+        if len(calls) == interrupted_at:
+            raise KeyboardInterrupt
+        return real_fill(self, group, target, failures, device)
+
+    monkeypatch.setattr(restore.Materialisation, "fill", interrupted_fill)
+    with pytest.raises(KeyboardInterrupt):
+        model.to_empty(device="cpu")
+    monkeypatch.setattr(restore.Materialisation, "fill", real_fill)
+    quiet(lambda: model.to_empty(device="cpu"))
+    model.load_state_dict(reference.state_dict())
+    assert_matches_reference(model, reference)
+
+
 class FlakyConstructor(nn.Module):
     """Its constructor raises on every call while ``failing`` (a replay hitting OOM)."""
 

@@ -170,12 +170,6 @@ class Materialisation:
                     group.slots.append(Slot(module, BUFFER, name))
                     if name in non_persistent:
                         group.needs_value = True
-        if _unfilled:
-            for group in self.groups.values():
-                assert group.tensor is not None  # only buffers' groups so far, each with its tensor
-                stands_for = left_unfilled(group.tensor)
-                if stands_for is not None:
-                    group.old, group.needs_value = stands_for, True
         for module in self.modules:
             attributes = vars(module)
             if _NON_TENSOR_TYPES.issuperset(map(type, attributes.values())):
@@ -191,6 +185,8 @@ class Materialisation:
                         if module._forward_pre_hooks:
                             group.derived = derived_by(module, name)
         self._plan_containers_and_absent_buffers()
+        if _unfilled:
+            self._plan_unfilled()
         bases = self._plan_views()
         self.groups = {key: group for key, group in self.groups.items()
                        if group.needs_value or group.view is not None or len(group.slots) > 1 or key in bases
@@ -214,6 +210,18 @@ class Materialisation:
                 group.needs_value = True
             if recompute.expecting and recompute.expects_buffers(type(module)) and recording.was_recorded(module):
                 self._plan_absent_buffers(module)
+
+    def _plan_unfilled(self) -> None:
+        """A tensor that an earlier materialisation left unfilled (interrupted, or its value not
+        recovered), in any slot, is planned as the meta tensor it replaced: filled or named again."""
+        for group in self.groups.values():
+            stands_for = left_unfilled(group.tensor) if group.tensor is not None else None
+            if stands_for is None:
+                continue
+            group.old, group.needs_value = stands_for, True
+            first = group.slots[0]
+            if first.kind == ATTRIBUTE and group.derived is None and first.module._forward_pre_hooks:
+                group.derived = derived_by(first.module, first.name)
 
     def _plan_absent_buffers(self, module: torch.nn.Module) -> None:
         recipe = recording.recipe_of(module)
