@@ -417,3 +417,23 @@ def test_after_an_assign_load_a_persistent_slice_of_an_expanded_table_is_a_view_
     assert [str(w.message) for w in caught if issubclass(w.category, bufferfix.BufferFixWarning)] == []
     assert torch.equal(model.table, reference.table) and torch.equal(model.rest, reference.rest)
     assert model.table.stride() == (1, 0) and _storage(model.rest) == _storage(model.table)
+
+
+class ViewsAnExpandedPersistentTable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(2, 2)
+        self.register_buffer("table", (torch.arange(3.0)[:, None] * 2 + 1).expand(3, 4))
+        self.register_buffer("rest", self.table[1:], persistent=False)
+
+
+@pytest.mark.parametrize("contiguous", [False, True])
+def test_after_an_assign_load_of_a_table_saved_otherwise_laid_out_its_views_are_views_of_it_again(contiguous):
+    """A checkpoint saved contiguous (safetensors) holds the expanded table laid out afresh: the table is
+    laid out as the meta one was again, so its slice is a view of it."""
+    reference = seeded(ViewsAnExpandedPersistentTable)()
+    state_dict = {key: value.contiguous() if contiguous else value for key, value in reference.state_dict().items()}
+    model, caught = assign_load(seeded(ViewsAnExpandedPersistentTable), state_dict)
+    assert assert_exact_or_named(model, reference, caught) == {}
+    assert torch.equal(model.table, reference.table) and model.table.stride() == (1, 0)
+    assert _storage(model.rest) == _storage(model.table) and model.rest.storage_offset() == 1

@@ -748,9 +748,10 @@ def materialise_meta_buffers(model: torch.nn.Module, device: torch.device | str 
     ``plan``, made while the model was all on meta, before ``load_state_dict(assign=True)`` put the
     checkpoint's tensors in its persistent buffers: a loaded tensor is the materialised tensor of
     every slot that held the meta one (its value is the checkpoint's), what was a view of it is a
-    view of it again, and a persistent buffer that was a view of another tensor is a view of that
-    one's materialised memory again, holding the loaded value (written after that tensor's own, as
-    loading writes it after materialisation)."""
+    view of it again (in memory laid out as the meta one was, if the loaded tensor is laid out
+    otherwise: a checkpoint saved contiguous), and a persistent buffer that was a view of another
+    tensor is a view of that one's materialised memory again, holding the loaded value (written after
+    that tensor's own, as loading writes it after materialisation)."""
     if plan is None:
         plan = Materialisation(model)
     loaded = {key: _loaded(group) for key, group in plan.groups.items()}
@@ -763,8 +764,12 @@ def materialise_meta_buffers(model: torch.nn.Module, device: torch.device | str 
             group.view = None  # its base is left alone: filled on its own
         if loaded[key]:
             group.needs_value = False  # the checkpoint's value, whole
+            first, tensor = loaded[key][0]
+            if group.viewers and group.tensor is not None and tensor.stride() != group.tensor.stride():
+                tensor = _laid_out_as(group.tensor, tensor)  # as its views were planned
+                loaded[key][0] = (first, tensor)
             slot = group.buffers[0]
-            slot.module._buffers[slot.name] = loaded[key][0][1]
+            slot.module._buffers[slot.name] = tensor
         elif group.buffers:  # memory, as to_empty gives it (a view is made a view of its base's again)
             assert group.tensor is not None
             slot = group.buffers[0]
@@ -779,6 +784,17 @@ def materialise_meta_buffers(model: torch.nn.Module, device: torch.device | str 
                 except RuntimeError:  # a view of an expanded tensor that the value is not expanded as (nor
                     slot.write(tensor)  # could loading write it): it keeps the loaded tensor, unshared
     return plan
+
+
+def _laid_out_as(planned: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` in memory laid out as ``planned`` (expanded as it is), or ``value`` itself if it is not
+    expanded so."""
+    laid = torch.empty_strided(planned.shape, planned.stride(), dtype=value.dtype, device=value.device)
+    try:
+        _copy(laid, value)
+    except RuntimeError:
+        return value
+    return laid
 
 
 def _loaded(group: _Group) -> list[tuple[Slot, torch.Tensor]]:
