@@ -291,3 +291,149 @@ def test_copies_of_a_model_moved_to_meta_do_not_share_its_snapshot():
     other.to_empty(device="cpu")
     assert torch.equal(model.table, other.table)
     assert model.table.untyped_storage().data_ptr() != other.table.untyped_storage().data_ptr()
+
+
+# --------------------------------------------------------------------------- load_state_dict(assign=True)
+
+class SlicedByAPersistentBuffer(nn.Module):
+    """A plain tensor attribute, and a persistent buffer that is a slice of it."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(2, 2)
+        self.table = torch.arange(6.0).reshape(3, 2) * 2
+        self.register_buffer("rest", self.table[1:])
+
+
+class ViewsAPersistentBuffer(nn.Module):
+    """A persistent table, a non-persistent buffer that is a slice of it and a plain attribute that is a row."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(2, 2)
+        self.register_buffer("table", torch.arange(6.0).reshape(3, 2) * 2)
+        self.register_buffer("rest", self.table[1:], persistent=False)
+        self.first = self.table[0]
+
+
+class AliasesAPersistentBuffer(nn.Module):
+    """One tensor, registered as a non-persistent and as a persistent buffer, and held in a list."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(2, 2)
+        table = torch.arange(4.0) + 0.5
+        self.register_buffer("table", table, persistent=False)
+        self.register_buffer("saved", table)
+        self.listed = [table]
+
+
+def aliased_table_written():
+    model = AliasesAPersistentBuffer()
+    model.table.add_(1)  # the checkpoint has the written value, through ``saved``
+    return model
+
+
+def assign_load(build, state_dict):
+    """What torch.distributed.checkpoint does: a meta build, then ``load_state_dict(assign=True)``."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.device("meta"):
+            model = build()
+        model.load_state_dict(state_dict, assign=True)
+    return model, caught
+
+
+def _storage(tensor):
+    return tensor.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("cloned", [False, True])  # the checkpoint's tensors share the normal build's memory, or not
+def test_after_an_assign_load_a_persistent_view_of_an_attribute_is_a_view_of_it_again(cloned):
+    reference = seeded(SlicedByAPersistentBuffer)()
+    state_dict = {key: value.clone() if cloned else value for key, value in reference.state_dict().items()}
+    model, caught = assign_load(seeded(SlicedByAPersistentBuffer), state_dict)
+    assert assert_exact_or_named(model, reference, caught) == {}
+    assert torch.equal(model.rest, reference.rest) and torch.equal(model.table, reference.table)
+    assert _storage(model.rest) == _storage(model.table) and model.rest.storage_offset() == 2
+
+
+@pytest.mark.parametrize("cloned", [False, True])
+def test_after_an_assign_load_views_of_a_persistent_buffer_are_views_of_the_loaded_tensor(cloned):
+    reference = seeded(ViewsAPersistentBuffer)()
+    state_dict = {key: value.clone() if cloned else value for key, value in reference.state_dict().items()}
+    model, caught = assign_load(seeded(ViewsAPersistentBuffer), state_dict)
+    assert assert_exact_or_named(model, reference, caught) == {}
+    assert model.table is state_dict["table"]  # assigned, as torch does
+    assert _storage(model.rest) == _storage(model.table) == _storage(model.first)
+    assert model.rest.storage_offset() - model.table.storage_offset() == 2
+
+
+@pytest.mark.parametrize("build", [AliasesAPersistentBuffer, aliased_table_written])
+def test_after_an_assign_load_aliases_of_a_persistent_buffer_are_the_loaded_tensor(build):
+    """Every slot holding the persistent buffer's tensor holds the loaded tensor, which has the right
+    value: nothing is named (a value written in place after the constructor is in the checkpoint)."""
+    reference = seeded(build)()
+    model, caught = assign_load(seeded(build), reference.state_dict())
+    assert assert_exact_or_named(model, reference, caught) == {}
+    assert model.table is model.saved and model.listed[0] is model.saved
+
+
+def test_after_an_assign_load_a_persistent_view_loaded_does_not_make_its_base_whole():
+    """The random table's rest is no checkpoint's: the table is named, its loaded row is a view of it again."""
+    reference = seeded(LoadsPartOfARandomTable)()
+    model, caught = assign_load(seeded(LoadsPartOfARandomTable), reference.state_dict())
+    assert assert_exact_or_named(model, reference, caught, {Reason.RANDOM}) == {"table": Reason.RANDOM}
+    assert torch.equal(model.first, reference.first) and _storage(model.first) == _storage(model.table)
+
+
+def test_after_an_assign_load_of_another_dtype_views_keep_the_normal_builds_dtype():
+    """``assign=True`` keeps the checkpoint's dtype in the persistent buffer: a view of it would have that
+    dtype too, so the non-persistent slice is filled on its own, in the dtype a normal build gives it."""
+    reference = seeded(ViewsAPersistentBuffer)()
+    state_dict = {key: value.to(torch.bfloat16) for key, value in reference.state_dict().items()}
+    model, caught = assign_load(seeded(ViewsAPersistentBuffer), state_dict)
+    assert recoveries_named(caught) == []
+    assert model.table.dtype == torch.bfloat16  # as torch assigns it
+    assert model.rest.dtype == model.first.dtype == torch.float32
+    assert torch.equal(model.rest, reference.rest) and torch.equal(model.first, reference.first)
+
+
+class SlicesAnExpandedTableIntoACheckpoint(nn.Module):
+    """A persistent slice of an expanded (stride 0) non-persistent table."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(2, 2)
+        self.register_buffer("table", (torch.arange(3.0)[:, None] * 2 + 1).expand(3, 4), persistent=False)
+        self.register_buffer("rest", self.table[1:])
+
+
+def test_after_an_assign_load_a_persistent_slice_of_an_expanded_table_is_a_view_of_it_again():
+    """The loaded value is written into the table's memory (a normal build's ``load_state_dict`` cannot
+    write an expanded buffer; this one is expanded as the table is)."""
+    reference = seeded(SlicesAnExpandedTableIntoACheckpoint)()
+    model, caught = assign_load(seeded(SlicesAnExpandedTableIntoACheckpoint), reference.state_dict())
+    assert [str(w.message) for w in caught if issubclass(w.category, bufferfix.BufferFixWarning)] == []
+    assert torch.equal(model.table, reference.table) and torch.equal(model.rest, reference.rest)
+    assert model.table.stride() == (1, 0) and _storage(model.rest) == _storage(model.table)
+
+
+class ViewsAnExpandedPersistentTable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(2, 2)
+        self.register_buffer("table", (torch.arange(3.0)[:, None] * 2 + 1).expand(3, 4))
+        self.register_buffer("rest", self.table[1:], persistent=False)
+
+
+@pytest.mark.parametrize("contiguous", [False, True])
+def test_after_an_assign_load_of_a_table_saved_otherwise_laid_out_its_views_are_views_of_it_again(contiguous):
+    """A checkpoint saved contiguous (safetensors) holds the expanded table laid out afresh: the table is
+    laid out as the meta one was again, so its slice is a view of it."""
+    reference = seeded(ViewsAnExpandedPersistentTable)()
+    state_dict = {key: value.contiguous() if contiguous else value for key, value in reference.state_dict().items()}
+    model, caught = assign_load(seeded(ViewsAnExpandedPersistentTable), state_dict)
+    assert assert_exact_or_named(model, reference, caught) == {}
+    assert torch.equal(model.table, reference.table) and model.table.stride() == (1, 0)
+    assert _storage(model.rest) == _storage(model.table) and model.rest.storage_offset() == 1

@@ -766,6 +766,9 @@ def normal_slot(slot, node, index):
             changes["late"] = True
     if slot.value == "bool" and slot.size < 2 and slot.view == "none":  # one alternating element could read as True
         changes["size"] = 2
+    if slot.value == "bool" and slot.size < 3 and first_plain_slot(node) == index and any(
+            other.view == "slice" for other in node.slots[index + 1:]):  # its rest, past a slice loaded, too
+        changes["size"] = 3
     slot = dataclasses.replace(slot, **changes)
     if slot.kind == "on_child" and not slot.late:  # made once the child is there
         slot = dataclasses.replace(slot, late=True)
@@ -901,9 +904,6 @@ KNOWN_GAPS = (
     # non-persistent buffers (whose snapshot becomes the buffer again), and nothing plans the container's tensor
     Gap("G5", lambda c: c.base is not None and c.kind in CONTAINERS and c.flow == TO_META
         and c.base.kind == "persistent", "view"),
-    # G6: load_state_dict(assign=True) puts the checkpoint's tensor in a persistent buffer: views and aliases of it
-    # (or that it is a view of) are no longer shared, and an alias written in place is named though it is right
-    Gap("G6", lambda c: c.base is not None and "persistent" in (c.kind, c.base.kind) and c.flow == ASSIGN, "view"),
     # G11: a module-level dict changed after the build: the replay reads the new value (an accepted limit)
     Gap("G11", lambda c: c.source == "settings" and "settings" in c.changed_arguments, "source"),
     # G12: init_empty_weights skips nn.Linear's init draws: a later torch.rand is real and different; it is kept,

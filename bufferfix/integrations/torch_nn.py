@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from ..mechanism.restore import Materialisation
+
 # This module is imported before torch (the registry reads its target): torch and the mechanism are
 # imported where they are used, all of it after torch itself.
 
@@ -101,22 +103,25 @@ def _load_state_dict(wrapped: Wrapped, instance: nn.Module, args: WrapperArgs, k
     from ..mechanism import restore
 
     assign = kwargs.get("assign", len(args) > 2 and args[2])
+    # Planned before the load, while what shares memory with a persistent buffer shares it on meta.
+    plan = contained(lambda: restore.Materialisation(instance), "planning buffers before load_state_dict") \
+        if assign else None
     try:
         with restore.loading():
             result = wrapped(*args, **kwargs)
     except BaseException:
         if assign:
-            contained(lambda: _materialise_left_on_meta(instance), "materialising buffers after load_state_dict",
+            contained(lambda: _materialise_left_on_meta(instance, plan), "materialising buffers after load_state_dict",
                       user_error=True)
         contained(loading_ended, "giving the verdicts after load_state_dict", user_error=True)
         raise
     if assign:
-        contained(lambda: _materialise_left_on_meta(instance), "materialising buffers after load_state_dict")
+        contained(lambda: _materialise_left_on_meta(instance, plan), "materialising buffers after load_state_dict")
     contained(loading_ended, "giving the verdicts after load_state_dict")
     return result
 
 
-def _materialise_left_on_meta(model: nn.Module) -> None:
+def _materialise_left_on_meta(model: nn.Module, plan: Materialisation | None) -> None:
     """The device the loaded tensors landed on, else that of any real tensor of the model, else
     the CPU (a module holding only non-persistent buffers loads an empty state dict)."""
     import torch
@@ -128,7 +133,7 @@ def _materialise_left_on_meta(model: nn.Module) -> None:
     if device is None:
         device = next((t.device for t in (*model.parameters(), *model.buffers()) if not t.is_meta),
                       torch.device("cpu"))
-    report(materialise_meta_buffers(model, device), ())
+    report(materialise_meta_buffers(model, device, plan), ())
     await_loading_end()
 
 

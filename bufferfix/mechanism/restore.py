@@ -546,13 +546,13 @@ class Materialisation:
     @staticmethod
     def _unheld_base(group: _Group) -> torch.Tensor | None:
         """Memory for a tensor that no materialisation replaces (no slot holds it, or only plain and
-        container attributes do), laid out as it was, where the buffers that are views of it were
-        materialised (None if none was)."""
+        container attributes do), laid out and typed as it was, where the buffers that are views of it
+        were materialised (None if none was)."""
         assert group.tensor is not None
         for slot in (slot for viewer in group.viewers for slot in viewer.buffers):
             done = slot.module._buffers[slot.name]
             if done is not None and not done.is_meta and not any(done is viewer.tensor for viewer in group.viewers):
-                return torch.empty_strided(group.tensor.shape, group.tensor.stride(), dtype=done.dtype,
+                return torch.empty_strided(group.tensor.shape, group.tensor.stride(), dtype=group.tensor.dtype,
                                            device=done.device)
         return None
 
@@ -593,8 +593,8 @@ class Materialisation:
             planned = self.groups[location[1]].tensor if location[1] in self.groups else None
             if base is not None and planned is not None and base.stride() != planned.stride():
                 return None  # laid out afresh: filled on its own
-        if base is None or base.is_meta:
-            return None
+        if base is None or base.is_meta or (group.tensor is not None and base.dtype != group.tensor.dtype):
+            return None  # not materialised, or of another dtype (a checkpoint's, assigned): filled on its own
         try:
             return base.as_strided(size, stride, base.storage_offset() + offset)
         except RuntimeError:
@@ -738,22 +738,72 @@ def unfilled_count() -> int:
     return len(_unfilled)
 
 
-def materialise_meta_buffers(model: torch.nn.Module, device: torch.device | str = "cpu") -> Materialisation:
+def materialise_meta_buffers(model: torch.nn.Module, device: torch.device | str = "cpu",
+                             plan: Materialisation | None = None) -> Materialisation:
     """Give every non-persistent buffer (and plain tensor attribute) still on meta its value on
     ``device``, leaving everything else alone.  For libraries that load parameters themselves
     and never materialise what is not in the checkpoint (accelerate's dispatch and loading).
-    Returns the plan (its ``recovered``); what it could not recover waits for :func:`settle`."""
-    plan = Materialisation(model)
+    Returns the plan (its ``recovered``); what it could not recover waits for :func:`settle`.
+
+    ``plan``, made while the model was all on meta, before ``load_state_dict(assign=True)`` put the
+    checkpoint's tensors in its persistent buffers: a loaded tensor is the materialised tensor of
+    every slot that held the meta one (its value is the checkpoint's), what was a view of it is a
+    view of it again (in memory laid out as the meta one was, if the loaded tensor is laid out
+    otherwise: a checkpoint saved contiguous), and a persistent buffer that was a view of another
+    tensor is a view of that one's materialised memory again, holding the loaded value (written after
+    that tensor's own, as loading writes it after materialisation)."""
+    if plan is None:
+        plan = Materialisation(model)
+    loaded = {key: _loaded(group) for key, group in plan.groups.items()}
     plan.groups = {key: group for key, group in plan.groups.items()
-                   if group.needs_value and (group.tensor is None or group.tensor.is_meta)}
+                   if (group.needs_value or loaded[key]) and (group.tensor is None or group.tensor.is_meta)}
     if not plan.groups:
         return plan
-    for group in plan.groups.values():
+    for key, group in plan.groups.items():
         if group.view is not None and group.view[0][0] == "group" and group.view[0][1] not in plan.groups:
             group.view = None  # its base is left alone: filled on its own
-        if group.buffers and group.view is None:
+        if loaded[key]:
+            group.needs_value = False  # the checkpoint's value, whole
+            first, tensor = loaded[key][0]
+            if group.viewers and group.tensor is not None and tensor.stride() != group.tensor.stride():
+                tensor = _laid_out_as(group.tensor, tensor)  # as its views were planned
+                loaded[key][0] = (first, tensor)
+            slot = group.buffers[0]
+            slot.module._buffers[slot.name] = tensor
+        elif group.buffers:  # memory, as to_empty gives it (a view is made a view of its base's again)
             assert group.tensor is not None
             slot = group.buffers[0]
             slot.module._buffers[slot.name] = torch.empty_like(group.tensor, device=device)
     plan.restore(torch.device(device))
+    with loading(), torch.no_grad():
+        for slot, tensor in (entry for key in plan.groups for entry in loaded[key]):
+            current = slot.read()
+            if current is not None and current is not tensor and not current.is_meta:
+                try:
+                    _copy(current, tensor)
+                except RuntimeError:  # a view of an expanded tensor that the value is not expanded as (nor
+                    slot.write(tensor)  # could loading write it): it keeps the loaded tensor, unshared
     return plan
+
+
+def _laid_out_as(planned: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` in memory laid out as ``planned`` (expanded as it is), or ``value`` itself if it is not
+    expanded so."""
+    laid = torch.empty_strided(planned.shape, planned.stride(), dtype=value.dtype, device=value.device)
+    try:
+        _copy(laid, value)
+    except RuntimeError:
+        return value
+    return laid
+
+
+def _loaded(group: _Group) -> list[tuple[Slot, torch.Tensor]]:
+    """The persistent buffers of ``group`` that a load has put a real tensor in since it was planned,
+    with that tensor."""
+    found = []
+    for slot in group.buffers:
+        if slot.name not in slot.module._non_persistent_buffers_set:
+            tensor = slot.read()
+            if tensor is not None and tensor is not group.tensor and not tensor.is_meta:
+                found.append((slot, tensor))
+    return found
