@@ -50,9 +50,10 @@ from .slots import ABSENT, ATTRIBUTE, BUFFER, Slot
 logger = logging.getLogger("bufferfix")
 
 # A tensor shared by several modules that are materialised one call at a time (FSDP1's
-# param_init_fn calls to_empty(recurse=False) per module) must end up shared again: the
-# first call's result is remembered, keyed weakly by the tensor it replaced, and held weakly too:
-# an unfilled mark holds that replaced tensor, so a strong value here would keep both alive for ever.
+# param_init_fn calls to_empty(recurse=False) per module) must end up shared again, and a view of it
+# a view of it again: what each call gives a slot is remembered, keyed weakly by the tensor it replaced,
+# and held weakly too: an unfilled mark holds that replaced tensor, so a strong value here would keep
+# both alive for ever.
 _materialised = compat.WeakIdKeyDictionary()
 # Materialised tensor whose value was not written yet -> (the tensor it replaced, its version then).
 _unfilled = compat.WeakIdKeyDictionary()
@@ -124,6 +125,33 @@ def left_unfilled(tensor: torch.Tensor) -> torch.Tensor | None:
     return mark[0]
 
 
+def _earlier(group: _Group) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(shared, earlier)``: ``earlier``, what an earlier materialisation gave the tensor ``group``
+    holds or the tensor it is a view of, and ``shared``, that tensor or the view of it made again.
+    None if there is none, or it cannot be shared (typed or placed unlike this materialisation's
+    buffer, laid out afresh)."""
+    tensor = group.tensor
+    if tensor is None or group.derived is not None:
+        return None
+    base, ref = tensor, _materialised.get(tensor)
+    if ref is None and tensor._base is not None:
+        base = tensor._base
+        ref = _materialised.get(base)
+    earlier: torch.Tensor | None = ref() if ref is not None else None
+    if earlier is None:
+        return None
+    slot = group.buffers[0] if group.buffers else None
+    like = slot.module._buffers[slot.name] if slot is not None else None
+    if earlier.dtype != (like if like is not None else tensor).dtype or (like is not None and like.device != earlier.device):
+        return None
+    if base is tensor:
+        return earlier, earlier
+    offset = slots.within(tensor, base)
+    if offset is None or earlier.stride() != base.stride():
+        return None
+    return earlier.as_strided(tensor.shape, tensor.stride(), earlier.storage_offset() + offset), earlier
+
+
 def derived_by(module: torch.nn.Module, name: str) -> Any:
     """The legacy ``torch.nn.utils.weight_norm`` or ``spectral_norm`` forward pre-hook that derives
     the plain attribute ``module.name`` from parameters (and recomputes it at every forward), or None."""
@@ -188,9 +216,11 @@ class Materialisation:
         if _unfilled:
             self._plan_unfilled()
         bases = self._plan_views()
+        # A module materialised without its children (recurse=False) keeps every tensor: another
+        # call, for another module, may materialise a tensor sharing its storage.
         self.groups = {key: group for key, group in self.groups.items()
                        if group.needs_value or group.view is not None or len(group.slots) > 1 or key in bases
-                       or any(slot.kind != BUFFER for slot in group.slots)}
+                       or any(slot.kind != BUFFER for slot in group.slots) or not recurse}
         self._holding = False  # verdicts wait until loading ends (restore), or are given now (after an error)
 
     def _plan_containers_and_absent_buffers(self) -> None:
@@ -345,6 +375,8 @@ class Materialisation:
             if changed_only and not self._changed(group):
                 continue
             target = targets[key] = self._reshare(group, targets)
+            if target is not None and group.tensor is not None and target is not group.tensor and not target.is_meta:
+                _materialised[group.tensor] = weakref.ref(target)
             if group.tensor is not None and not group.tensor.is_meta and not group.buffers:
                 # A real attribute: it needs its value back if materialisation replaced it, and a
                 # verdict if its constructor ran with parameters on meta (a random value drawn
@@ -456,6 +488,8 @@ class Materialisation:
                     pass  # its views are filled on their own
         for slot in group.slots:
             slot.write(value, found.replayed)
+        if group.tensor is not None:
+            _materialised[group.tensor] = weakref.ref(value)
 
     def finish(self, failures: list[Recovery]) -> list[Recovery]:
         """The materialisation is complete: records go; returns ``failures``.  After a failure the
@@ -483,6 +517,15 @@ class Materialisation:
             if self._base_placed(group):
                 return None  # made a view of its base's value once that is placed (fill)
             group.view = None  # its base was not materialised: filled on its own
+        shared = _earlier(group)
+        if shared is not None:  # materialised by an earlier call, with another module's slot
+            target, earlier = shared
+            for slot in group.slots:
+                if slot.read() is not target:
+                    slot.write(target)
+            if earlier not in _unfilled or self._held_with(group, target, earlier):
+                group.needs_value = False  # filled by the earlier call, or its verdict is this one's
+            return target
         if not group.slots:  # the base of views, that no slot holds
             return self._unheld_base(group)
         if not group.buffers:
@@ -504,13 +547,7 @@ class Materialisation:
             slot = group.buffers[0]
             target = slot.module._buffers[slot.name]
             assert target is not None  # a buffer planned: materialisation puts a tensor there, never None
-            earlier_ref = _materialised.get(group.tensor)
-            earlier: torch.Tensor | None = earlier_ref() if earlier_ref is not None else None
-            if earlier is not None and earlier.device == target.device and earlier.dtype == target.dtype:
-                target = slot.module._buffers[slot.name] = earlier
-                if earlier not in _unfilled:
-                    group.needs_value = False  # filled by the earlier call
-            elif not target.is_meta and target is not group.tensor:
+            if not target.is_meta and target is not group.tensor:
                 old = group.tensor
                 real = self._reusable_snapshot(group, target)
                 if real is not None:
@@ -524,11 +561,28 @@ class Materialisation:
                     # laid out afresh (an expanded tensor comes back contiguous): its views need the old
                     # layout (a persistent buffer keeps the new one: loading cannot write an expanded tensor)
                     target = torch.empty_strided(old.shape, old.stride(), dtype=target.dtype, device=target.device)
-                _materialised[group.tensor] = weakref.ref(target)
         for other in group.slots:
             if other.read() is not target:
                 other.write(target)
         return target
+
+    def _held_with(self, group: _Group, target: torch.Tensor, earlier: torch.Tensor) -> bool:
+        """``earlier``, which ``target`` is or views, is held unfilled by an earlier call until loading
+        ends: ``group`` joins its verdict (named with it, and a persistent buffer of ``group`` that is
+        all of it, which loading writes, rewrites it).  False if no verdict on it is held."""
+        indices = [index for index, held in enumerate(_unsettled) if held.target is earlier]
+        if not indices or not self._holding:
+            return False
+        if target is earlier and any(slot.kind == BUFFER and slot.name not in slot.module._non_persistent_buffers_set
+                                     for slot in group.slots):
+            for index in indices:
+                _unsettled[index] = _unsettled[index]._replace(loaded_whole=True)
+        if group.needs_value:
+            held = _unsettled[indices[0]]
+            found = sources.Found(None, origin=held.recovery.origin, attempts=held.recovery.attempts)
+            _unsettled.append(held._replace(recovery=self._recovery(group, found),
+                                            slots=[(slot, slot.read()) for slot in group.slots]))
+        return True
 
     @staticmethod
     def _reusable_snapshot(group: _Group, target: torch.Tensor) -> torch.Tensor | None:
