@@ -164,7 +164,7 @@ def _apply(wrapped: Wrapped, instance: nn.Module, args: WrapperArgs, kwargs: Wra
 
     if not INTEGRATION.active or getattr(_local, "applying", False):
         return wrapped(*args, **kwargs)
-    contained(recording.follow_moved_attributes, "following a move")
+    _follow_moved_attributes()  # what a module's own _apply converted after the last one returned
     own_apply = _owner_of_apply(type(instance)) is not nn.Module
     contained(lambda: recording.moving_attributes(instance, own_apply), "following a move")
     if args:
