@@ -282,6 +282,33 @@ def test_after_a_move_to_meta_containers_share_the_table_again():
     assert model.held["t"].storage_offset() == 1
 
 
+class ListsAPersistentTable(nn.Module):
+    """A persistent table held in a list, and slices of it in a tuple and a dict."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(2))
+        self.register_buffer("table", torch.arange(4.0) * 2)
+        self.listed = [self.table]
+        self.paired = (self.table[1:],)
+        self.held = {"t": self.table[2:]}
+
+
+def test_after_a_move_to_meta_containers_hold_the_loaded_persistent_table():
+    """``.to("meta")`` leaves the containers holding the real table: it is the table again after
+    materialisation, so loading another checkpoint writes what they hold, as in a normal build (they
+    held the values from before the move: stale)."""
+    reference = ListsAPersistentTable()
+    checkpoint = {name: tensor + 100 for name, tensor in reference.state_dict().items()}
+    reference.load_state_dict(checkpoint)
+    model, caught = run_flow(".to('meta')", ListsAPersistentTable, checkpoint)
+    assert recoveries_named(caught) == []
+    assert_exact_or_named(model, reference, caught)
+    assert model.listed[0] is model.table
+    assert torch.equal(model.held["t"], torch.tensor([104.0, 106.0]))
+    assert model.paired[0].untyped_storage().data_ptr() == model.table.untyped_storage().data_ptr()
+
+
 def test_copies_of_a_model_moved_to_meta_do_not_share_its_snapshot():
     """A deep copy of the meta model has the same snapshot: only the first materialisation makes it its
     buffer; the other gets memory of its own."""

@@ -900,15 +900,13 @@ KNOWN_GAPS = (
     # G23: a slice view of an expanded (stride 0) persistent buffer comes back with storage of its own: loading
     # cannot write an expanded tensor, so the buffer keeps the contiguous layout materialisation gives it, and the
     # view's strides no longer say where its elements are in it (a normal build cannot load such a buffer at all);
+    # so, after .to("meta"), does a container's alias of one (the move leaves it the real expanded tensor); and
     # after .to("meta"), a persistent buffer that is a view of an expanded one is expanded again, so loading it
     # raises (as it does in a normal build; after a plain to_empty it is contiguous and loads)
     Gap("G23", lambda c: c.view != "none" and c.base is not None and c.base.value == "expanded" and (
-        c.base.kind == "persistent" if c.view == "slice" else c.kind == "persistent" and c.flow == TO_META), "view"),
-    # G5: after .to("meta"), a list / tuple / dict holding a persistent buffer (or a view of it) holds the real
-    # tensor the move left there, sharing no memory with the materialised buffer: the move snapshots only
-    # non-persistent buffers (whose snapshot becomes the buffer again), and nothing plans the container's tensor
-    Gap("G5", lambda c: c.base is not None and c.kind in CONTAINERS and c.flow == TO_META
-        and c.base.kind == "persistent", "view"),
+        c.base.kind == "persistent" if c.view == "slice"
+        else c.flow == TO_META and (c.kind == "persistent" or c.kind in CONTAINERS and c.base.kind == "persistent")),
+        "view"),
     # G11: a module-level dict changed after the build: the replay reads the new value (an accepted limit)
     Gap("G11", lambda c: c.source == "settings" and "settings" in c.changed_arguments, "source"),
     # G12: init_empty_weights skips nn.Linear's init draws: a later torch.rand is real and different; it is kept,

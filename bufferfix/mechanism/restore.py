@@ -217,10 +217,13 @@ class Materialisation:
             self._plan_unfilled()
         bases = self._plan_views()
         # A module materialised without its children (recurse=False) keeps every tensor: another
-        # call, for another module, may materialise a tensor sharing its storage.
+        # call, for another module, may materialise a tensor sharing its storage.  So does a
+        # persistent buffer with a snapshot: a container attribute holds the real tensor it stands for.
+        taken = snapshots.taken
         self.groups = {key: group for key, group in self.groups.items()
                        if group.needs_value or group.view is not None or len(group.slots) > 1 or key in bases
-                       or any(slot.kind != BUFFER for slot in group.slots) or not recurse}
+                       or any(slot.kind != BUFFER for slot in group.slots) or not recurse
+                       or (taken and group.tensor is not None and group.tensor in taken)}
         self._holding = False  # verdicts wait until loading ends (restore), or are given now (after an error)
 
     def _plan_containers_and_absent_buffers(self) -> None:

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from . import compat
+from .slots import items, within
 from .slots import storage as storage_of
-from .slots import within
 
 # (module, name, is it a buffer?) of a view, (module, name, "parameter" or "buffer") of its base, then the
 # view's size, stride and offset from the base's
@@ -46,8 +46,9 @@ class MoveToMeta:
                  unfilled: Callable[[torch.Tensor], torch.Tensor | None] | None = None) -> None:
         self.unfilled = unfilled
         modules = list(root.modules()) if recurse else [root]
-        # id(real tensor) -> [real tensor, [buffer slots], [attribute slots], non-persistent?]: a list of
-        # values of several kinds, updated in place (Any)
+        # id(real tensor) -> [real tensor, [buffer slots], [attribute slots], kept?]: a list of values of
+        # several kinds, updated in place (Any).  Kept: snapshotted, so that it is the buffer again after
+        # materialisation (non-persistent buffers, and persistent ones a container attribute holds)
         self.groups: dict[int, list[Any]] = {}
         for module in modules:
             for name, tensor in module._buffers.items():
@@ -59,12 +60,21 @@ class MoveToMeta:
             for attribute, value in vars(module).items():
                 if isinstance(value, torch.Tensor) and not value.is_meta and not isinstance(value, torch.nn.Parameter):
                     self.groups.setdefault(id(value), [value, [], [], True])[2].append((module, attribute))
+        # A persistent buffer whose memory a container attribute holds (the buffer itself, or a view of
+        # it) is kept too: the move leaves the container's tensor real, and it must be the buffer again
+        # for loading to write what the container holds, as in a normal build.  Not an expanded one:
+        # loading cannot write it (materialisation lays it out afresh, and loading writes that).
+        held = _held_by_containers(modules)
+        for group in self.groups.values():
+            memory = storage_of(group[0]) if group[1] and not group[3] and not _expanded(group[0]) else None
+            if memory is not None and id(memory) in held:
+                group[3] = True
         self.groups = {key: group for key, group in self.groups.items()
                        if group[3] or len(group[1]) > 1 or group[2]}
         self.views = _views(modules)
 
     def after(self) -> None:
-        for real, buffers, attributes, non_persistent in self.groups.values():
+        for real, buffers, attributes, kept in self.groups.values():
             if buffers:
                 owner, name = buffers[0]
                 moved = owner._buffers.get(name)
@@ -77,7 +87,7 @@ class MoveToMeta:
                 moved = torch.empty_strided(real.shape, real.stride(), dtype=moved.dtype, device=moved.device)
                 if buffers:
                     owner._buffers[name] = moved  # the attributes take it below
-            if non_persistent:  # persistent values come back from the checkpoint
+            if kept:  # other persistent values come back from the checkpoint
                 stands_for = self.unfilled(real) if self.unfilled is not None else None
                 value = real if stands_for is None else taken.get(stands_for)
                 if value is not None:
@@ -95,6 +105,27 @@ class MoveToMeta:
                 module._buffers[name] = view
             else:
                 module.__dict__[name] = view
+
+
+def _held_by_containers(modules: list[torch.nn.Module]) -> dict[int, torch.UntypedStorage]:
+    """``{id(storage): storage}`` of every real tensor held in the container attributes of ``modules``
+    (lists, tuples, dicts, plain objects: :func:`.slots.items`)."""
+    held: dict[int, torch.UntypedStorage] = {}
+    walked: dict[int, int] = {}
+    for module in modules:
+        for _, tensor in items(module, wanted=_real, empty=walked):
+            memory = storage_of(tensor)
+            if memory is not None:
+                held[id(memory)] = memory  # held in the value: its id is not reused meanwhile
+    return held
+
+
+def _real(tensor: torch.Tensor) -> bool:
+    return not tensor.is_meta
+
+
+def _expanded(tensor: torch.Tensor) -> bool:
+    return any(stride == 0 and size > 1 for size, stride in zip(tensor.shape, tensor.stride()))
 
 
 def _views(modules: list[torch.nn.Module]) -> list[View]:
