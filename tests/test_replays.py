@@ -165,6 +165,47 @@ def test_random_values_in_a_container_or_on_a_child_under_init_empty_weights_are
             "child.noise[0]": Reason.RANDOM, "child.jitter": Reason.RANDOM}, flow
 
 
+class NoisyWithItsOwnNew(nn.Module):
+    """A class with a __new__ of its own (never recorded) drawing a random buffer."""
+
+    def __new__(cls, *args, **kwargs):
+        return super().__new__(cls)
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("noise", torch.randint(0, 100, (4,)), persistent=False)
+
+
+class KeepsDrawnChildren(nn.Module):
+    """Draws after an nn.Linear's initialisation, in a child never recorded and in a deep copy."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(3, 3)
+        self.own_new = NoisyWithItsOwnNew()
+        self.copied = copy.deepcopy(NoisyBuffer())
+
+
+def _written_in_place(build):
+    def build_and_write():
+        model = build()
+        model.own_new.noise.add_(1)
+        model.copied.noise.mul_(2)
+        return model
+    return build_and_write
+
+
+def test_random_buffers_written_in_place_under_init_empty_weights_are_named_random():
+    """init_empty_weights skips the nn.Linear's draws, so the later draws differ from a normal
+    build's, and so does what user code writes in place from them: named RANDOM, also in a module of
+    a class never recorded and in a deep copy (whose original module is gone)."""
+    reference = _written_in_place(seeded(KeepsDrawnChildren))()
+    model, caught = run_flow(EMPTY_WEIGHTS, _written_in_place(seeded(KeepsDrawnChildren)), reference.state_dict())
+    loading_ends()
+    assert assert_exact_or_named(model, reference, caught, allowed_reasons={Reason.RANDOM}) == {
+        "own_new.noise": Reason.RANDOM, "copied.noise": Reason.RANDOM}
+
+
 class NoisyLeaf(nn.Module):
     def __init__(self):
         super().__init__()

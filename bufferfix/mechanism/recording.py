@@ -329,11 +329,12 @@ def buffer_registered(module: nn.Module, name: str, tensor: torch.Tensor | None)
 
     Only meta tensors, and real ones in a module built with its parameters on meta
     (``init_empty_weights()``: a real value its constructor drew at random is not a normal build's,
-    one that user code put there is) are looked at; returns None (the tensor is kept)."""
+    one that user code put there is; recorded, or of a class never recorded) are looked at; returns
+    None (the tensor is kept)."""
     if tensor is None or (recipes.replays_running and recipes.thread_state.replaying):
         return None
-    if not tensor.is_meta and not was_recorded(module):
-        return None
+    if not tensor.is_meta and not was_recorded(module) and not (unrecordable(type(module)) and parameters_put_on_meta()):
+        return None  # (a module of a class never recorded is built with parameters on meta like its parent)
     try:
         frame: types.FrameType | None = sys._getframe(1)
         while frame is not None:
@@ -364,6 +365,12 @@ def constructed_by(tensor: torch.Tensor) -> nn.Module | None:
     """The module whose constructor put the meta tensor into its buffer slot, if known and alive."""
     owner = _registered.get(tensor)
     return owner() if owner is not None else None
+
+
+def set_in_construction(tensor: torch.Tensor) -> bool:
+    """Was the tensor put into its buffer slot by a constructor, alive or not (the module a
+    ``copy.deepcopy`` was made of)?"""
+    return _registered.get(tensor) is not None
 
 
 def follow_tensor_copy(original: torch.Tensor, copy: torch.Tensor) -> None:
