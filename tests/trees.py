@@ -909,11 +909,6 @@ def _storage_written(context):
 # accepted one).  Remove a row when its mechanism is closed; ``python tests/trees.py N SEED all`` generates
 # them all.
 KNOWN_GAPS = (
-    # G4: after .to("meta"), a buffer that is a slice view of a plain tensor attribute (which the move leaves
-    # real) comes back with storage of its own: the view is planned from the moved meta tensor, whose storage is
-    # not the attribute's, and the snapshot that is a view of it is not looked at
-    Gap("G4", lambda c: c.view == "slice" and c.base.kind == "attribute" and c.kind != "attribute"
-        and c.flow == TO_META, "view"),
     # G23: a slice view of an expanded (stride 0) persistent buffer comes back with storage of its own: loading
     # cannot write an expanded tensor, so the buffer keeps the contiguous layout materialisation gives it, and the
     # view's strides no longer say where its elements are in it (a normal build cannot load such a buffer at all);
@@ -922,8 +917,7 @@ KNOWN_GAPS = (
     # raises (as it does in a normal build; after a plain to_empty it is contiguous and loads)
     Gap("G23", lambda c: c.view != "none" and c.base is not None and c.base.value == "expanded" and (
         c.base.kind == "persistent" if c.view == "slice"
-        else c.flow == TO_META and (c.kind == "persistent" or c.kind in CONTAINERS and c.base.kind == "persistent")),
-        "view"),
+        else c.flow == TO_META and "persistent" in (c.kind, c.base.kind)), "view"),
     # G11: a module-level dict changed after the build: the replay reads the new value (an accepted limit)
     Gap("G11", lambda c: c.source == "settings" and "settings" in c.changed_arguments, "source"),
     # G12: init_empty_weights skips nn.Linear's init draws: a later torch.rand is real and different; it is kept,
@@ -940,11 +934,6 @@ KNOWN_GAPS = (
     # G18: a replay runs the constructor's side effects again: a constructor that changes a module-level dict
     # changes it again at each replay (an argument it changes is given to the replay as a copy)
     Gap("G18", lambda c: c.slot is None and any(child.then == "set_settings" for child in c.children), "then"),
-    # G27: after .to("meta"), views of a tensor replaced after they were made (no slot holds it any longer) come
-    # back with the right values, each with storage of its own: the move gives each view storage of its own and
-    # the snapshots of the views are not looked at as views of one tensor (docs/how-it-works.md, Known limits)
-    Gap("G27", lambda c: c.flow == TO_META and c.base is not None and c.base.change in ("replaced", "resized"),
-        "view"),
     # G28: a tensor written in place on meta (through itself or a view) with a persistent slice: a view of it whose
     # every element loading then writes through that slice is named MODIFIED_IN_PLACE though loading gave it its
     # value (loading is not counted as rewriting a value not recovered, element by element)

@@ -538,6 +538,10 @@ class Materialisation:
             replaced = next((t for t in changed if t is not None and t is not group.tensor and not t.is_meta), None)
             if replaced is not None:
                 target = replaced  # the module's own _apply materialised its attribute
+                real = self._reusable_snapshot(group, target)
+                if real is not None:  # the real tensor the move to meta took it from: what shares its memory shares it
+                    target = real
+                    _claimed[real] = True
             elif group.viewers and group.tensor.is_meta:
                 # buffers that are views of it were materialised: it gets memory where they are, to share
                 memory = self._unheld_base(group)

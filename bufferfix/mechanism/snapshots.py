@@ -60,11 +60,16 @@ class MoveToMeta:
             for attribute, value in vars(module).items():
                 if isinstance(value, torch.Tensor) and not value.is_meta and not isinstance(value, torch.nn.Parameter):
                     self.groups.setdefault(id(value), [value, [], [], True])[2].append((module, attribute))
-        # A persistent buffer whose memory a container attribute holds (the buffer itself, or a view of
-        # it) is kept too: the move leaves the container's tensor real, and it must be the buffer again
-        # for loading to write what the container holds, as in a normal build.  Not an expanded one:
-        # loading cannot write it (materialisation lays it out afresh, and loading writes that).
+        # A persistent buffer whose memory a plain or container attribute holds (the buffer, a view of
+        # it, the tensor it is a slice of) is kept too: the move leaves the attribute's tensor real, and
+        # it must be the buffer's memory again for loading to write what the attribute holds, as in a
+        # normal build.  Not an expanded one: loading cannot write it (materialisation lays it out
+        # afresh, and loading writes that).
         held = _held_by_containers(modules)
+        for tensor, _, attributes, _ in self.groups.values():
+            memory = storage_of(tensor) if attributes else None
+            if memory is not None:
+                held[id(memory)] = memory
         for group in self.groups.values():
             memory = storage_of(group[0]) if group[1] and not group[3] and not _expanded(group[0]) else None
             if memory is not None and id(memory) in held:
