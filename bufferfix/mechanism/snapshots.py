@@ -66,8 +66,8 @@ class MoveToMeta:
         # normal build.  Not an expanded one: loading cannot write it (materialisation lays it out
         # afresh, and loading writes that).
         held = _held_by_containers(modules)
-        for tensor, _, attributes, _ in self.groups.values():
-            memory = storage_of(tensor) if attributes else None
+        for tensor, buffers, attributes, _ in self.groups.values():
+            memory = storage_of(tensor) if attributes and not buffers else None  # (an alias follows its buffer)
             if memory is not None:
                 held[id(memory)] = memory
         for group in self.groups.values():
