@@ -218,7 +218,8 @@ class Materialisation:
         bases = self._plan_views()
         # A module materialised without its children (recurse=False) keeps every tensor: another
         # call, for another module, may materialise a tensor sharing its storage.  So does a
-        # persistent buffer with a snapshot: a container attribute holds the real tensor it stands for.
+        # persistent buffer with a snapshot: a plain or container attribute holds the real tensor it
+        # stands for, or a view of it.
         taken = snapshots.taken
         self.groups = {key: group for key, group in self.groups.items()
                        if group.needs_value or group.view is not None or len(group.slots) > 1 or key in bases
@@ -537,11 +538,10 @@ class Materialisation:
             changed = [slot.read() for slot in group.slots if slot.kind == ATTRIBUTE]
             replaced = next((t for t in changed if t is not None and t is not group.tensor and not t.is_meta), None)
             if replaced is not None:
-                target = replaced  # the module's own _apply materialised its attribute
-                real = self._reusable_snapshot(group, target)
-                if real is not None:  # the real tensor the move to meta took it from: what shares its memory shares it
-                    target = real
-                    _claimed[real] = True
+                # the module's own _apply materialised its attribute; the real tensor a move to meta took
+                # it from, if any, is the attribute again: what shares its memory shares it
+                real = self._claim_snapshot(group, replaced)
+                target = replaced if real is None else real
             elif group.viewers and group.tensor.is_meta:
                 # buffers that are views of it were materialised: it gets memory where they are, to share
                 memory = self._unheld_base(group)
@@ -556,12 +556,11 @@ class Materialisation:
             assert target is not None  # a buffer planned: materialisation puts a tensor there, never None
             if not target.is_meta and target is not group.tensor:
                 old = group.tensor
-                real = self._reusable_snapshot(group, target)
+                real = self._claim_snapshot(group, target)
                 if real is not None:
                     # the real tensor the move to meta took it from, here again: what shared its memory
                     # (a list or dict attribute the move left real) shares it again, as in a normal build
                     target = real
-                    _claimed[real] = True
                 elif group.viewers and old is not None and target.stride() != old.stride() and not any(
                         other.kind == BUFFER and other.name not in other.module._non_persistent_buffers_set
                         for other in group.slots):
@@ -592,16 +591,17 @@ class Materialisation:
         return True
 
     @staticmethod
-    def _reusable_snapshot(group: _Group, target: torch.Tensor) -> torch.Tensor | None:
+    def _claim_snapshot(group: _Group, target: torch.Tensor) -> torch.Tensor | None:
         """The real tensor a move to meta replaced with ``group``'s meta tensor, if it can stand for
         ``target`` (laid out as that meta tensor, typed and placed as ``target``) and no
-        materialisation took it yet (a copy of the meta model has the same snapshot)."""
+        materialisation took it yet (a copy of the meta model has the same snapshot): taken now."""
         if not snapshots.taken or group.old is None or not group.old.is_meta:
             return None
         real = snapshots.taken.get(group.old)
         if real is None or real in _claimed or real.dtype != target.dtype or real.device != target.device \
                 or real.shape != group.old.shape or real.stride() != group.old.stride() or real.requires_grad:
             return None
+        _claimed[real] = True
         return real
 
     @staticmethod

@@ -48,7 +48,7 @@ class MoveToMeta:
         modules = list(root.modules()) if recurse else [root]
         # id(real tensor) -> [real tensor, [buffer slots], [attribute slots], kept?]: a list of values of
         # several kinds, updated in place (Any).  Kept: snapshotted, so that it is the buffer again after
-        # materialisation (non-persistent buffers, and persistent ones a container attribute holds)
+        # materialisation (non-persistent buffers, and persistent ones whose memory an attribute holds)
         self.groups: dict[int, list[Any]] = {}
         for module in modules:
             for name, tensor in module._buffers.items():

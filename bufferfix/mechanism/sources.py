@@ -70,7 +70,7 @@ def _kept(old: torch.Tensor, slots: list[Slot]) -> Found:
     if recording.set_outside_construction(old) or _not_left_by_constructor(old, slots):
         return Found(old, Source.KEPT)
     start = recording.constructed_by(old)
-    drawn_by_constructor = start is not None or recording.set_in_construction(old) or any(
+    drawn_by_constructor = recording.set_in_construction(old) or any(
         slot.kind != BUFFER and recording.left_by_constructor(slot.module, slot.name, slot.steps) is old
         for slot in slots)
     for slot in slots:
